@@ -1,0 +1,227 @@
+"""A torch module and its loss as a twice-differentiable function of a flat vector."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+
+from influx.errors import InputError
+
+__all__ = ["TorchTwiceDifferentiable"]
+
+#: Columns of the identity pushed through one batched HVP when materialising
+#: the Hessian.
+HESSIAN_CHUNK = 256
+
+
+class TorchTwiceDifferentiable:
+    """A ``torch.nn.Module`` with its loss, differentiable in its parameters.
+
+    The differentiated parameters are those with ``requires_grad=True``,
+    flattened in ``named_parameters()`` order into ``theta`` (``[P]``), captured
+    when the wrapper is built: wrap again after training further. Frozen
+    parameters and buffers enter as constants. Every method is functional
+    (``torch.func``): the module's parameters, gradients and ``requires_grad``
+    flags are never touched. Each call runs the module in evaluation mode
+    (dropout off, batch-norm on its running statistics) and restores the train
+    or eval mode of every submodule afterwards, also when the call raises.
+
+    Parameters
+    ----------
+    model
+        The module; its differentiated parameters must share one floating dtype
+        and one device.
+    loss
+        ``loss(predictions, targets) -> scalar``, a mean over the batch.
+
+    Examples
+    --------
+    >>> model = TorchTwiceDifferentiable(torch.nn.Linear(3, 1), torch.nn.MSELoss())
+    >>> model.num_params
+    4
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor]
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        if not callable(loss):
+            raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise InputError(
+                "model has no parameter with requires_grad=True: there is nothing "
+                "to differentiate. Unfreeze the parameters to attribute."
+            )
+        dtypes = {p.dtype for _, p in trainable}
+        devices = {p.device for _, p in trainable}
+        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
+            raise TypeError(
+                f"model's differentiated parameters must share one floating dtype, "
+                f"got {sorted(map(str, dtypes))}. Convert the model with "
+                "model.to(torch.float32) or model.double()."
+            )
+        if len(devices) > 1:
+            raise TypeError(
+                f"model's differentiated parameters are on several devices "
+                f"{sorted(map(str, devices))}; move the model to one device."
+            )
+        for name, parameter in trainable:
+            if not bool(torch.isfinite(parameter.detach()).all()):
+                raise InputError(
+                    f"model parameter {name!r} holds NaN or inf values; influences "
+                    "of a diverged model are meaningless. Check the training."
+                )
+        self._module = model
+        self._loss = loss
+        self._names = [n for n, _ in trainable]
+        self._shapes = [p.shape for _, p in trainable]
+        self._sizes = [p.numel() for _, p in trainable]
+        with torch.no_grad():
+            self._theta = torch.cat([p.detach().reshape(-1) for _, p in trainable])
+        trainable_names = set(self._names)
+        self._constants = {
+            n: p.detach()
+            for n, p in model.named_parameters()
+            if n not in trainable_names
+        }
+        self._constants.update({n: b.detach() for n, b in model.named_buffers()})
+
+    @property
+    def backend(self) -> Any:
+        """The torch backend."""
+        from influx_torch._backend import TorchBackend
+
+        return TorchBackend()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The wrapped module (never modified)."""
+        return self._module
+
+    @property
+    def loss(self) -> Callable[[Any, Any], torch.Tensor]:
+        """The batch-mean loss."""
+        return self._loss
+
+    @property
+    def num_params(self) -> int:
+        """Number ``P`` of differentiated parameters."""
+        return int(self._theta.numel())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return self._theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device."""
+        return self._theta.device
+
+    @property
+    def parameters(self) -> torch.Tensor:
+        """Flat differentiated parameters ``theta``, ``[P]`` (a copy)."""
+        return self._theta
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the differentiated parameters, in ``theta`` order."""
+        return list(self._names)
+
+    # -- the functions torch.func transforms ---------------------------------
+
+    def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        pieces = torch.split(theta, self._sizes)
+        return {
+            name: piece.view(shape)
+            for name, piece, shape in zip(self._names, pieces, self._shapes)
+        }
+
+    def _batch_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        params = {**self._constants, **self._unflatten(theta)}
+        predictions = functional_call(self._module, params, (x,))
+        value = self._loss(predictions, y)
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            raise InputError(
+                f"loss must return a scalar (the mean over the batch), got "
+                f"{type(value).__name__} of shape {shape}. Use a reduction='mean' "
+                "loss."
+            )
+        return value
+
+    def _sample_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        return self._batch_loss(theta, x.unsqueeze(0), y.unsqueeze(0))
+
+    # -- the TwiceDifferentiable protocol ------------------------------------
+
+    def per_sample_grads(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample gradients ``[B, P]`` and losses ``[B]``."""
+        with self._eval_mode():
+            fn = vmap(grad_and_value(self._sample_loss), in_dims=(None, 0, 0))
+            grads, losses = fn(self._theta, x, y)
+        return grads.detach(), losses.detach()
+
+    def grad(self, x: Any, y: Any) -> torch.Tensor:
+        """Gradient of the batch-mean loss, ``[P]``."""
+        with self._eval_mode():
+            return grad(self._batch_loss)(self._theta, x, y).detach()
+
+    def hvp(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:
+        """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``."""
+        gradient = grad(self._batch_loss)
+
+        def single(v: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda t: gradient(t, x, y), (self._theta,), (v,))[1]
+
+        with self._eval_mode():
+            return vmap(single)(vectors).detach()
+
+    def hessian(self, x: Any, y: Any) -> torch.Tensor:
+        """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
+        size = self.num_params
+        eye = torch.eye(size, dtype=self.dtype, device=self.device)
+        rows = [self.hvp(x, y, eye[i : i + HESSIAN_CHUNK]) for i in range(0, size, HESSIAN_CHUNK)]
+        return torch.cat(rows, dim=0)
+
+    def mixed_grads(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:
+        """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
+        sample_grad = grad(self._sample_loss)
+
+        def directional(xb: Any, yb: Any, v: torch.Tensor) -> torch.Tensor:
+            return torch.dot(sample_grad(self._theta, xb, yb), v)
+
+        input_grad = grad(directional)  # d/dx of <v, grad_theta l(x, y)>
+        per_sample = vmap(input_grad, in_dims=(0, 0, None))
+        with self._eval_mode():
+            return vmap(per_sample, in_dims=(None, None, 0))(x, y, vectors).detach()
+
+    # -- state ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Run in eval mode; restore each submodule's own mode afterwards."""
+        modes = [(m, m.training) for m in self._module.modules()]
+        if not any(training for _, training in modes):
+            yield
+            return
+        try:
+            self._module.eval()
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def __repr__(self) -> str:
+        return (
+            f"TorchTwiceDifferentiable({type(self._module).__name__}, "
+            f"num_params={self.num_params}, dtype={self.dtype}, device={self.device})"
+        )

@@ -1,0 +1,67 @@
+"""influx: influence functions for PyTorch and JAX models through one API.
+
+The core imports no framework; each framework is a backend found through the
+entry-point group ``influx.backends`` and loaded on first use.
+"""
+
+from __future__ import annotations
+
+from influx.backends import available_backends, get_backend, use_backend
+from influx.data import Batches, batches
+from influx.errors import (
+    InfluxWarning,
+    InputError,
+    NotConvergedWarning,
+    NotPositiveDefiniteWarning,
+)
+from influx.influence import (
+    compute_influence_factors,
+    compute_influences,
+    compute_influences_pert,
+    compute_influences_up,
+)
+from influx.methods import InfluenceType, InversionMethod
+from influx.models import twice_differentiable
+from influx.operators import HessianOperator, LinearOperator
+from influx.protocols import Backend, TwiceDifferentiable
+from influx.solvers import (
+    ArnoldiSolver,
+    CgSolver,
+    DirectSolver,
+    LissaSolver,
+    SolveInfo,
+    Solver,
+    make_solver,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArnoldiSolver",
+    "Backend",
+    "Batches",
+    "CgSolver",
+    "DirectSolver",
+    "HessianOperator",
+    "InfluenceType",
+    "InfluxWarning",
+    "InputError",
+    "InversionMethod",
+    "LinearOperator",
+    "LissaSolver",
+    "NotConvergedWarning",
+    "NotPositiveDefiniteWarning",
+    "SolveInfo",
+    "Solver",
+    "TwiceDifferentiable",
+    "available_backends",
+    "batches",
+    "compute_influence_factors",
+    "compute_influences",
+    "compute_influences_pert",
+    "compute_influences_up",
+    "get_backend",
+    "make_solver",
+    "twice_differentiable",
+    "use_backend",
+]

@@ -1,0 +1,329 @@
+"""Influence functions (Koh and Liang, 2017) on any backend.
+
+With the training loss ``L(theta) = (1/N) sum_i l(z_i, theta)`` and the
+regularised Hessian ``H = hessian(L) + lambda I``:
+
+- influence factors: ``s_test = H^{-1} grad_theta l(z_test)``, ``[N_test, P]``;
+- up-weighting influence: ``I_up(z_test, z) = <s_test, grad_theta l(z)>``,
+  ``[N_test, M]``; positive means that up-weighting ``z`` lowers the test loss
+  (Koh and Liang's ``I_up,loss`` is its negative);
+- perturbation influence: ``I_pert(z_test, z) = grad_x <s_test, grad_theta
+  l(z)>``, ``[N_test, M, *input_shape]``.
+
+Results are native arrays of the model's framework.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from influx._progress import progress_iter
+from influx.backends import check_model_backend
+from influx.data import DataReader, evaluation_error
+from influx.errors import InputError
+from influx.methods import (
+    InfluenceType,
+    InversionMethod,
+    parse_influence_type,
+    parse_inversion_method,
+)
+from influx.operators import HessianOperator
+from influx.protocols import TwiceDifferentiable
+from influx.solvers import make_solver
+
+__all__ = [
+    "compute_influence_factors",
+    "compute_influences",
+    "compute_influences_pert",
+    "compute_influences_up",
+]
+
+
+def compute_influence_factors(
+    model: TwiceDifferentiable,
+    training_data: Any,
+    test_data: Any,
+    inversion_method: InversionMethod | str,
+    *,
+    hessian_perturbation: float = 0.0,
+    progress: bool = False,
+    return_info: bool = False,
+    **kwargs: Any,
+) -> Any:
+    r"""Influence factors ``s_test = (H + lambda I)^{-1} grad l(z_test)``.
+
+    Parameters
+    ----------
+    model
+        A wrapped model (:func:`influx.twice_differentiable`).
+    training_data
+        Re-iterable of ``(x, y)`` batches; the Hessian averages over all of
+        its points.
+    test_data
+        Re-iterable of ``(x, y)`` batches, ``N_test`` points in all.
+    inversion_method
+        ``"direct"``, ``"cg"``, ``"lissa"`` or ``"arnoldi"`` (or an
+        :class:`InversionMethod`).
+    hessian_perturbation
+        ``lambda >= 0`` added to the Hessian's diagonal.
+    progress
+        Show progress bars.
+    return_info
+        Also return the solver's :class:`~influx.solvers.SolveInfo`.
+    **kwargs
+        Options of the inversion method: CG ``rtol, atol, maxiter, x0``; LiSSA
+        ``maxiter, dampen, scale, h0, rtol, seed``; Arnoldi ``rank_estimate,
+        krylov_dimension, tol, max_iter``.
+
+    Returns
+    -------
+    Any
+        Native array ``[N_test, P]``; with ``return_info``, the pair
+        ``(factors, info)``.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not wrapped, or an option is unknown.
+    ValueError
+        On bad data, a negative ``hessian_perturbation`` or an unknown method.
+    """
+    _check_model(model)
+    _check_regularization(hessian_perturbation, "hessian_perturbation")
+    solver = make_solver(parse_inversion_method(inversion_method), **kwargs)
+    operator = HessianOperator(model, training_data, progress=progress)
+    test_reader = DataReader(test_data, "test_data", model.backend, model.parameters)
+    rhs = _concat(list(_gradients(model, test_reader, progress, "Test gradients")))
+    state = solver.init(operator.shift(hessian_perturbation), progress=progress)
+    factors, info = solver.solve(state, rhs, progress=progress)
+    return (factors, info) if return_info else factors
+
+
+def compute_influences_up(
+    model: TwiceDifferentiable,
+    input_data: Any,
+    influence_factors: Any,
+    *,
+    progress: bool = False,
+) -> Any:
+    """Up-weighting influences ``<s_test, grad l(z)>`` of every input point.
+
+    The input gradients are computed batch by batch and never held all at
+    once: memory is ``O(N_factors * M + B * P)``.
+
+    Parameters
+    ----------
+    model
+        A wrapped model.
+    input_data
+        Re-iterable of ``(x, y)`` batches, ``M`` points in all.
+    influence_factors
+        ``[N_factors, P]``, from :func:`compute_influence_factors`.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    Any
+        Native array ``[N_factors, M]``.
+    """
+    _check_model(model)
+    factors = _check_factors(model, influence_factors)
+    reader = DataReader(input_data, "input_data", model.backend, model.parameters)
+    columns = [
+        factors @ grads.T
+        for grads in _gradients(model, reader, progress, "Up-weighting influences")
+    ]
+    xp = array_namespace(factors)
+    return xp.concat(columns, axis=1)
+
+
+def compute_influences_pert(
+    model: TwiceDifferentiable,
+    input_data: Any,
+    influence_factors: Any,
+    *,
+    progress: bool = False,
+) -> Any:
+    """Perturbation influences ``grad_x <s_test, grad_theta l(z)>``.
+
+    Parameters
+    ----------
+    model
+        A wrapped model.
+    input_data
+        Re-iterable of ``(x, y)`` batches, ``M`` points of shape ``S``.
+    influence_factors
+        ``[N_factors, P]``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    Any
+        Native array ``[N_factors, M, *S]``.
+    """
+    _check_model(model)
+    factors = _check_factors(model, influence_factors)
+    reader = DataReader(input_data, "input_data", model.backend, model.parameters)
+    xp = array_namespace(factors)
+    blocks = []
+    batches = progress_iter(
+        reader, progress, "Perturbation influences", total=reader.num_batches
+    )
+    for index, x, y in batches:
+        try:
+            block = model.mixed_grads(x, y, factors)
+        except InputError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise evaluation_error(reader.name, index, x, error) from error
+        _ensure_finite(block, f"input_data batch {index}: the perturbation influence")
+        blocks.append(block)
+    return xp.concat(blocks, axis=1)
+
+
+def compute_influences(
+    differentiable_model: TwiceDifferentiable,
+    training_data: Any,
+    *,
+    test_data: Any = None,
+    input_data: Any = None,
+    inversion_method: InversionMethod | str = InversionMethod.Direct,
+    influence_type: InfluenceType | str = InfluenceType.Up,
+    hessian_regularization: float = 0.0,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Influence of every input point on every test point.
+
+    Parameters
+    ----------
+    differentiable_model
+        A wrapped model (:func:`influx.twice_differentiable`).
+    training_data
+        Re-iterable of ``(x, y)`` batches the Hessian averages over.
+    test_data
+        Points whose loss is explained; defaults to ``training_data``.
+    input_data
+        Points whose influence is computed; defaults to ``training_data``.
+    inversion_method
+        ``"direct"`` (default), ``"cg"``, ``"lissa"`` or ``"arnoldi"``.
+    influence_type
+        ``"up"`` (default) or ``"perturbation"``.
+    hessian_regularization
+        ``lambda >= 0`` added to the Hessian's diagonal.
+    progress
+        Show progress bars.
+    **kwargs
+        Options of the inversion method (see
+        :func:`compute_influence_factors`).
+
+    Returns
+    -------
+    Any
+        Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, *S]`` for
+        ``"perturbation"``.
+
+    Examples
+    --------
+    >>> model = influx.twice_differentiable(torch_module, loss)  # doctest: +SKIP
+    >>> data = influx.batches(x_train, y_train, batch_size=64)  # doctest: +SKIP
+    >>> influx.compute_influences(model, data, inversion_method="cg")  # doctest: +SKIP
+    """
+    kind = parse_influence_type(influence_type)
+    method = parse_inversion_method(inversion_method)
+    _check_regularization(hessian_regularization, "hessian_regularization")
+    factors = compute_influence_factors(
+        differentiable_model,
+        training_data,
+        training_data if test_data is None else test_data,
+        method,
+        hessian_perturbation=hessian_regularization,
+        progress=progress,
+        **kwargs,
+    )
+    compute = (
+        compute_influences_up if kind is InfluenceType.Up else compute_influences_pert
+    )
+    return compute(
+        differentiable_model,
+        training_data if input_data is None else input_data,
+        factors,
+        progress=progress,
+    )
+
+
+def _gradients(
+    model: TwiceDifferentiable, reader: DataReader, progress: bool, desc: str
+) -> Iterator[Any]:
+    """Per-sample gradients ``[B, P]``, batch by batch, checked to be finite."""
+    for index, x, y in progress_iter(reader, progress, desc, total=reader.num_batches):
+        try:
+            grads, losses = model.per_sample_grads(x, y)
+        except InputError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise evaluation_error(reader.name, index, x, error) from error
+        _ensure_finite(losses, f"{reader.name} batch {index}: the loss")
+        _ensure_finite(grads, f"{reader.name} batch {index}: the loss gradient")
+        yield grads
+
+
+def _ensure_finite(array: Any, what: str) -> None:
+    xp = array_namespace(array)
+    finite = xp.isfinite(array)
+    if not bool(xp.all(finite)):
+        bad = int(xp.sum(xp.astype(~finite, xp.int64)))
+        raise InputError(
+            f"{what} is not finite ({bad} NaN or inf values). Check the inputs and "
+            "targets of this batch, the loss (a log of 0, an overflow) and the "
+            "model's parameters."
+        )
+
+
+def _concat(arrays: list[Any]) -> Any:
+    return array_namespace(arrays[0]).concat(arrays, axis=0)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, TwiceDifferentiable):
+        raise TypeError(
+            f"model must be a twice-differentiable wrapper, got "
+            f"{type(model).__module__}.{type(model).__name__}. Wrap it first: "
+            "influx.twice_differentiable(model, loss) (or params=... for JAX)."
+        )
+    check_model_backend(model)
+
+
+def _check_regularization(value: Any, name: str) -> None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r}.") from None
+    if not math.isfinite(number) or number < 0:
+        raise InputError(
+            f"{name} must be a finite number >= 0, got {value!r}. Use 0 for no "
+            "regularisation, or a small positive value (1e-3 to 1e-1) to make the "
+            "Hessian positive definite."
+        )
+
+
+def _check_factors(model: TwiceDifferentiable, factors: Any) -> Any:
+    backend = model.backend
+    if not backend.is_native_array(factors):
+        factors = backend.asarray(factors, like=model.parameters)
+    shape = tuple(factors.shape)
+    if len(shape) != 2 or shape[1] != model.num_params:
+        raise InputError(
+            f"influence_factors must have shape [N, P] with P={model.num_params} "
+            f"(the model's parameter count), got {shape}. Compute them with "
+            "compute_influence_factors for this model."
+        )
+    xp = array_namespace(factors)
+    return xp.astype(factors, model.dtype)
+

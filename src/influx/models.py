@@ -1,0 +1,59 @@
+"""Wrapping a framework model into a :class:`~influx.protocols.TwiceDifferentiable`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from influx.backends import resolve_backend
+from influx.protocols import Backend, TwiceDifferentiable
+
+__all__ = ["twice_differentiable"]
+
+
+def twice_differentiable(
+    model: Any,
+    loss: Callable[[Any, Any], Any],
+    *,
+    params: Any = None,
+    backend: str | Backend | None = None,
+) -> TwiceDifferentiable:
+    """Wrap a model and its loss for influence computations.
+
+    The backend is the explicit ``backend``, else the one selected by
+    :func:`influx.use_backend` or ``INFLUX_BACKEND``, else the framework of
+    ``model`` (or of ``params``).
+
+    Parameters
+    ----------
+    model
+        A ``torch.nn.Module``, or for JAX an ``apply_fn(params, x) ->
+        predictions`` (a flax ``Module.apply``, an equinox or haiku apply
+        function, or any function of a parameter pytree).
+    loss
+        ``loss(predictions, targets) -> scalar``, a mean over the batch.
+    params
+        The parameter pytree, for frameworks that keep parameters apart from
+        the model (JAX); ``None`` for torch.
+    backend
+        A backend name or object, overriding the selection.
+
+    Returns
+    -------
+    TwiceDifferentiable
+        ``influx_torch.TorchTwiceDifferentiable`` or
+        ``influx_jax.JaxTwiceDifferentiable`` (or a plugin's wrapper).
+
+    Raises
+    ------
+    TypeError
+        If the selected backend is not the model's framework, or the framework
+        cannot be told.
+    """
+    if not callable(loss):
+        raise TypeError(
+            f"loss must be a callable loss(predictions, targets) -> scalar, got "
+            f"{type(loss).__name__}."
+        )
+    chosen = resolve_backend(model, params, backend=backend)
+    return chosen.twice_differentiable(model, loss, params=params)

@@ -1,0 +1,405 @@
+"""Linear operators on the flat parameter space.
+
+An operator ``A`` of size ``P`` acts on a stack of vectors at once:
+``op.mv(V)`` takes ``V`` of shape ``[K, P]`` and returns ``[K, P]`` whose row
+``k`` is ``A @ V[k]``. Operators compose (``A + B``, ``c * A``,
+``A.shift(lam)``) and carry tags (``"symmetric"``, ``"positive_semidefinite"``,
+``"positive_definite"``) that solvers may rely on.
+
+The central one is :class:`HessianOperator`, the Hessian of the training loss
+averaged over *all* training points: batches of unequal size are weighted by
+their size. The arithmetic is written once against the array API
+(``array_api_compat.array_namespace``), so the same code runs on every backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+from array_api_compat import device as array_device
+
+from influx.data import DataReader, evaluation_error
+from influx.errors import InputError
+from influx.protocols import Backend, TwiceDifferentiable
+
+__all__ = [
+    "DenseOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "ScaledOperator",
+    "ShiftedOperator",
+    "SumOperator",
+]
+
+SYMMETRIC = "symmetric"
+PSD = "positive_semidefinite"
+PD = "positive_definite"
+
+#: A function ``V -> A_sample @ V`` whose expectation is ``A @ V``.
+SampleMatvec = Callable[[Any], Any]
+
+
+class LinearOperator(abc.ABC):
+    """A square linear map on vectors of length :attr:`size`, applied row-wise."""
+
+    #: Length ``P`` of the vectors the operator acts on.
+    size: int
+    #: Properties solvers may rely on.
+    tags: frozenset[str] = frozenset()
+
+    @property
+    @abc.abstractmethod
+    def like(self) -> Any:
+        """A native array giving the operator's namespace, dtype and device."""
+
+    @property
+    def backend(self) -> Backend | None:
+        """The backend of the operator's arrays, if it has one."""
+        return None
+
+    @property
+    def dtype(self) -> Any:
+        """Native dtype in which the operator computes."""
+        return self.like.dtype
+
+    @abc.abstractmethod
+    def mv(self, vectors: Any) -> Any:
+        """Apply the operator to each row of ``vectors``.
+
+        Parameters
+        ----------
+        vectors
+            Shape ``[K, P]``, any floating dtype of the operator's namespace.
+
+        Returns
+        -------
+        Any
+            Shape ``[K, P]``, in the dtype of ``vectors``.
+        """
+
+    def to_dense(self, progress: bool = False) -> Any:
+        """The operator as a matrix ``[P, P]`` in :attr:`dtype`.
+
+        The default applies :meth:`mv` to the identity, 256 columns at a time.
+        """
+        xp = array_namespace(self.like)
+        eye = xp.eye(self.size, dtype=self.dtype, device=array_device(self.like))
+        chunk = 256
+        rows = [self.mv(eye[i : i + chunk]) for i in range(0, self.size, chunk)]
+        return xp.concat(rows, axis=0).T
+
+    def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
+        """Endless stream of unbiased, cheap estimates of :meth:`mv`.
+
+        Stochastic solvers (LiSSA) draw one per step. The default is exact.
+        """
+        while True:
+            yield self.mv
+
+    def shift(self, amount: float) -> LinearOperator:
+        """``A + amount * I``."""
+        return ShiftedOperator(self, amount)
+
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return SumOperator(self, other)
+
+    def __mul__(self, factor: float) -> LinearOperator:
+        if not isinstance(factor, int | float | np.floating | np.integer):
+            return NotImplemented
+        return ScaledOperator(self, float(factor))
+
+    __rmul__ = __mul__
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """Copy an array of the operator's namespace to the host."""
+        backend = self.backend
+        return backend.to_numpy(array) if backend is not None else np.asarray(array)
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """Convert a host array to the operator's namespace, dtype and device."""
+        backend = self.backend
+        if backend is not None:
+            return backend.asarray(array, like=self.like)
+        xp = array_namespace(self.like)
+        return xp.asarray(array, dtype=self.dtype, device=array_device(self.like))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, tags={sorted(self.tags)})"
+
+
+class DenseOperator(LinearOperator):
+    """An explicit matrix ``[P, P]`` as an operator.
+
+    Parameters
+    ----------
+    matrix
+        Square array of any array-API namespace.
+    tags
+        Properties known of ``matrix`` (``"symmetric"``, ...).
+    backend
+        The backend of ``matrix``, for conversions to and from numpy.
+    """
+
+    def __init__(
+        self, matrix: Any, tags: frozenset[str] = frozenset(), backend: Backend | None = None
+    ) -> None:
+        shape = tuple(matrix.shape)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise InputError(f"matrix must be square, got shape {shape}.")
+        self.matrix = matrix
+        self.size = shape[0]
+        self.tags = frozenset(tags)
+        self._backend = backend
+
+    @property
+    def like(self) -> Any:
+        return self.matrix
+
+    @property
+    def backend(self) -> Backend | None:
+        return self._backend
+
+    def mv(self, vectors: Any) -> Any:
+        xp = array_namespace(vectors)
+        matrix = xp.astype(self.matrix, vectors.dtype)
+        return vectors @ matrix.T
+
+    def to_dense(self, progress: bool = False) -> Any:
+        return self.matrix
+
+
+class _CompositeOperator(LinearOperator):
+    """Shares ``like`` and ``backend`` with the first operand."""
+
+    _base: LinearOperator
+
+    @property
+    def like(self) -> Any:
+        return self._base.like
+
+    @property
+    def backend(self) -> Backend | None:
+        return self._base.backend
+
+
+class ShiftedOperator(_CompositeOperator):
+    """``A + amount * I``; positive definite when ``A`` is PSD and ``amount > 0``."""
+
+    def __init__(self, base: LinearOperator, amount: float) -> None:
+        amount = float(amount)
+        if not np.isfinite(amount):
+            raise InputError(f"the shift must be finite, got {amount}.")
+        self._base, self.amount, self.size = base, amount, base.size
+        tags = set(base.tags)
+        if amount < 0:
+            tags -= {PSD, PD}
+        elif PSD in base.tags and amount > 0:
+            tags.add(PD)
+        self.tags = frozenset(tags)
+
+    @property
+    def base(self) -> LinearOperator:
+        """The unshifted operator ``A``."""
+        return self._base
+
+    def mv(self, vectors: Any) -> Any:
+        return self._base.mv(vectors) + self.amount * vectors
+
+    def to_dense(self, progress: bool = False) -> Any:
+        dense = self._base.to_dense(progress)
+        if self.amount == 0.0:
+            return dense
+        xp = array_namespace(dense)
+        eye = xp.eye(self.size, dtype=dense.dtype, device=array_device(dense))
+        return dense + self.amount * eye
+
+    def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
+        for sample in self._base.sample_matvecs(rng):
+            yield lambda v, sample=sample: sample(v) + self.amount * v
+
+
+class ScaledOperator(_CompositeOperator):
+    """``factor * A``."""
+
+    def __init__(self, base: LinearOperator, factor: float) -> None:
+        self._base, self.factor, self.size = base, float(factor), base.size
+        tags = set(base.tags) & {SYMMETRIC}
+        if factor > 0:
+            tags |= set(base.tags) & {PSD, PD}
+        self.tags = frozenset(tags)
+
+    def mv(self, vectors: Any) -> Any:
+        return self.factor * self._base.mv(vectors)
+
+    def to_dense(self, progress: bool = False) -> Any:
+        return self.factor * self._base.to_dense(progress)
+
+    def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
+        for sample in self._base.sample_matvecs(rng):
+            yield lambda v, sample=sample: self.factor * sample(v)
+
+
+class SumOperator(_CompositeOperator):
+    """``A + B`` of two operators of the same size."""
+
+    def __init__(self, first: LinearOperator, second: LinearOperator) -> None:
+        if first.size != second.size:
+            raise InputError(
+                f"cannot add operators of sizes {first.size} and {second.size}."
+            )
+        self._base, self.second, self.size = first, second, first.size
+        common = first.tags & second.tags
+        tags = common & {SYMMETRIC, PSD}
+        if PSD in common and (PD in first.tags or PD in second.tags):
+            tags.add(PD)
+        self.tags = frozenset(tags)
+
+    def mv(self, vectors: Any) -> Any:
+        return self._base.mv(vectors) + self.second.mv(vectors)
+
+    def to_dense(self, progress: bool = False) -> Any:
+        return self._base.to_dense(progress) + self.second.to_dense(progress)
+
+    def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
+        for a, b in zip(self._base.sample_matvecs(rng), self.second.sample_matvecs(rng)):
+            yield lambda v, a=a, b=b: a(v) + b(v)
+
+
+class HessianOperator(LinearOperator):
+    """Hessian of the training loss ``L(theta) = (1/N) sum_i l(z_i, theta)``.
+
+    Each product reads the whole training set once and weights every batch by
+    its size, so a short last batch counts for exactly its points. Products
+    are computed in the model's dtype and accumulated in the dtype of the
+    vectors passed in (pass float64 vectors to accumulate in float64).
+
+    Parameters
+    ----------
+    model
+        The wrapped model.
+    training_data
+        A re-iterable of ``(x, y)`` batches.
+    progress
+        Show a progress bar while materialising the Hessian.
+
+    Attributes
+    ----------
+    num_passes
+        How many times the training data has been read for products.
+    """
+
+    tags = frozenset({SYMMETRIC})
+
+    def __init__(
+        self,
+        model: TwiceDifferentiable,
+        training_data: Any,
+        *,
+        progress: bool = False,
+        name: str = "training_data",
+    ) -> None:
+        self.model = model
+        self.size = model.num_params
+        self.reader = DataReader(training_data, name, model.backend, model.parameters)
+        self.progress = progress
+        self.num_passes = 0
+
+    @property
+    def like(self) -> Any:
+        return self.model.parameters
+
+    @property
+    def backend(self) -> Backend:
+        return self.model.backend
+
+    def _batch_hvp(self, index: int, x: Any, y: Any, vectors: Any) -> Any:
+        xp = array_namespace(vectors)
+        try:
+            product = self.model.hvp(x, y, xp.astype(vectors, self.dtype))
+        except InputError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise evaluation_error(self.reader.name, index, x, error) from error
+        if not bool(xp.all(xp.isfinite(product))):
+            raise InputError(
+                f"{self.reader.name} batch {index}: the Hessian-vector product is "
+                "not finite (NaN or inf). Check the loss on this batch (a log of 0, "
+                "an overflow) and the model's parameters."
+            )
+        return xp.astype(product, vectors.dtype)
+
+    def mv(self, vectors: Any) -> Any:
+        total, count = None, 0
+        for index, x, y in self.reader:
+            n = int(x.shape[0])
+            term = n * self._batch_hvp(index, x, y, vectors)
+            total = term if total is None else total + term
+            count += n
+        self.num_passes += 1
+        return total / count
+
+    def to_dense(self, progress: bool | None = None) -> Any:
+        from influx._progress import progress_iter
+
+        show = self.progress if progress is None else progress
+        xp = array_namespace(self.like)
+        total, count = None, 0
+        batches = progress_iter(
+            self.reader, show, "Hessian", total=self.reader.num_batches
+        )
+        for index, x, y in batches:
+            n = int(x.shape[0])
+            try:
+                hessian = self.model.hessian(x, y)
+            except InputError:
+                raise
+            except (RuntimeError, TypeError, ValueError) as error:
+                raise evaluation_error(self.reader.name, index, x, error) from error
+            if not bool(xp.all(xp.isfinite(hessian))):
+                raise InputError(
+                    f"{self.reader.name} batch {index}: the Hessian is not finite "
+                    "(NaN or inf). Check the loss on this batch and the model's "
+                    "parameters."
+                )
+            total = n * hessian if total is None else total + n * hessian
+            count += n
+        self.num_passes += 1
+        return total / count
+
+    def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
+        """One batch per step, uniformly at random among the batches.
+
+        Each estimate is scaled by ``num_batches * batch_size / N`` so that it
+        is unbiased also when batch sizes differ. When the training data is a
+        sequence (a list, :func:`influx.batches`), each epoch visits the
+        batches in an order drawn from ``rng``; other iterables (a
+        ``DataLoader``) are read in their own order, shuffled or not.
+        """
+        reader = self.reader
+        num_samples = reader.num_samples
+        data = reader.data
+        indexable = hasattr(data, "__getitem__") and hasattr(data, "__len__")
+        while True:
+            if indexable:
+                for i in rng.permutation(len(data)):
+                    prepared = reader.prepare(int(i), data[int(i)])
+                    if prepared is not None:
+                        item = (int(i), *prepared)
+                        yield self._sample(item, len(data), num_samples)
+            else:
+                num_batches = reader.num_batches or 1
+                for item in reader:
+                    yield self._sample(item, num_batches, num_samples)
+
+    def _sample(
+        self, item: tuple[int, Any, Any], num_batches: int, num_samples: int
+    ) -> SampleMatvec:
+        index, x, y = item
+        weight = num_batches * int(x.shape[0]) / num_samples
+        return lambda v: weight * self._batch_hvp(index, x, y, v)

@@ -1,0 +1,158 @@
+"""The two contracts between the framework-free core and a framework adapter.
+
+A *backend* (:class:`Backend`) knows one array framework: which objects belong
+to it, how to convert data to its arrays and how to wrap a model. A *twice
+differentiable model* (:class:`TwiceDifferentiable`) is what a backend wraps a
+model into: a fixed, flat parameter vector ``theta`` of length ``P`` and the
+derivatives of the per-sample loss with respect to it.
+
+Everything the core computes goes through these two protocols, so a third-party
+backend is one class of each, registered under the entry-point group
+``influx.backends``.
+
+Shapes use ``B`` for the samples of one batch, ``K`` for a stack of vectors in
+parameter space and ``P`` for the number of differentiated parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Backend", "TwiceDifferentiable"]
+
+
+@runtime_checkable
+class TwiceDifferentiable(Protocol):
+    """A model and its loss, differentiable twice in a flat parameter vector.
+
+    The loss passed by the user is a batch mean ``loss(predictions, targets)``;
+    the per-sample loss ``l(z, theta)`` is that loss on a batch of one. All
+    methods are functional: they keep no autograd graph between calls and never
+    modify the wrapped model. ``x`` and ``y`` are native arrays of the backend
+    (convert with :meth:`Backend.asarray`).
+    """
+
+    @property
+    def backend(self) -> Backend:
+        """The backend that produced this wrapper."""
+        ...
+
+    @property
+    def num_params(self) -> int:
+        """Number ``P`` of differentiated parameters."""
+        ...
+
+    @property
+    def dtype(self) -> Any:
+        """Floating dtype of the parameters (a native dtype object)."""
+        ...
+
+    @property
+    def parameters(self) -> Any:
+        """The flat parameter vector ``theta``, shape ``[P]``."""
+        ...
+
+    def per_sample_grads(self, x: Any, y: Any) -> tuple[Any, Any]:
+        """Per-sample gradients and losses.
+
+        Parameters
+        ----------
+        x, y
+            One batch, leading dimension ``B``.
+
+        Returns
+        -------
+        grads, losses
+            ``grads[b] = grad_theta l(z_b, theta)``, shape ``[B, P]``;
+            ``losses[b] = l(z_b, theta)``, shape ``[B]``.
+        """
+        ...
+
+    def hvp(self, x: Any, y: Any, vectors: Any) -> Any:
+        """Hessian of the batch-mean loss applied to many vectors.
+
+        Parameters
+        ----------
+        x, y
+            One batch, leading dimension ``B``.
+        vectors
+            Shape ``[K, P]``.
+
+        Returns
+        -------
+        Any
+            ``[K, P]``: row ``k`` is ``H_batch @ vectors[k]``.
+        """
+        ...
+
+    def hessian(self, x: Any, y: Any) -> Any:
+        """Full Hessian of the batch-mean loss, shape ``[P, P]``."""
+        ...
+
+    def mixed_grads(self, x: Any, y: Any, vectors: Any) -> Any:
+        """Input gradients of the directional parameter gradients.
+
+        Parameters
+        ----------
+        x, y
+            One batch, leading dimension ``B``; ``x`` has shape ``[B, *S]``.
+        vectors
+            Shape ``[K, P]``.
+
+        Returns
+        -------
+        Any
+            ``[K, B, *S]``: entry ``[k, b]`` is
+            ``grad_x <vectors[k], grad_theta l((x_b, y_b), theta)>``.
+        """
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An adapter for one array framework.
+
+    Backends are found by name through the entry-point group ``influx.backends``;
+    the entry point names a zero-argument callable (usually the class) that
+    returns the backend object.
+    """
+
+    #: Registry name, e.g. ``"torch"``.
+    name: str
+    #: Top-level module of the framework, e.g. ``"torch"``. Detection only asks
+    #: :meth:`owns` when this module is already imported.
+    framework_module: str
+    #: The pip requirement that installs the framework, e.g. ``influx[torch]``.
+    install_hint: str
+
+    def owns(self, obj: Any) -> bool:
+        """Whether ``obj`` (a model, array or pytree) belongs to this framework."""
+        ...
+
+    def is_native_array(self, obj: Any) -> bool:
+        """Whether ``obj`` is an array of this framework."""
+        ...
+
+    def asarray(self, obj: Any, like: Any | None = None) -> Any:
+        """Convert ``obj`` (numpy or native) to a native array.
+
+        When ``like`` is given, the result lives on the same device and
+        floating data takes ``like``'s dtype; integer data keeps its dtype.
+        """
+        ...
+
+    def to_numpy(self, array: Any) -> Any:
+        """Copy a native array to a numpy array on the host."""
+        ...
+
+    def twice_differentiable(
+        self,
+        model: Any,
+        loss: Callable[[Any, Any], Any],
+        *,
+        params: Any = None,
+    ) -> TwiceDifferentiable:
+        """Wrap ``model`` and ``loss`` (and ``params``, where the framework
+        keeps them apart from the model) into a :class:`TwiceDifferentiable`."""
+        ...

@@ -1,0 +1,160 @@
+"""What every solver shares: the result record and the init/solve contract."""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from array_api_compat import array_namespace
+from array_api_compat import device as array_device
+
+from influx.errors import InputError, NotConvergedWarning
+from influx.operators import LinearOperator
+
+__all__ = ["SolveInfo", "Solver", "accumulation_dtype", "initial_guess", "row_norms"]
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """How a solve went, one entry per right-hand side.
+
+    Attributes
+    ----------
+    method
+        The inversion method's name.
+    iterations
+        ``[K]`` iterations (operator products) each right-hand side took.
+    residual_norms
+        ``[K]`` final ``||A x_k - b_k||``.
+    rhs_norms
+        ``[K]`` ``||b_k||``.
+    converged
+        ``[K]`` whether each right-hand side met the method's tolerance.
+    message
+        Empty when everything converged; otherwise what went wrong and which
+        option to change.
+    extra
+        Method-specific diagnostics (eigenvalues, scale, ...).
+    """
+
+    method: str
+    iterations: np.ndarray
+    residual_norms: np.ndarray
+    rhs_norms: np.ndarray
+    converged: np.ndarray
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def relative_residuals(self) -> np.ndarray:
+        """``[K]`` ``||A x_k - b_k|| / ||b_k||`` (0 where ``b_k = 0``)."""
+        safe = np.where(self.rhs_norms > 0, self.rhs_norms, 1.0)
+        return np.where(self.rhs_norms > 0, self.residual_norms / safe, 0.0)
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every right-hand side converged."""
+        return bool(np.all(self.converged))
+
+    def __str__(self) -> str:
+        k = len(self.converged)
+        status = "converged" if self.all_converged else "NOT converged"
+        worst = float(np.max(self.relative_residuals)) if k else 0.0
+        text = (
+            f"{self.method}: {status} on {int(np.sum(self.converged))}/{k} right-hand "
+            f"sides, max iterations {int(np.max(self.iterations)) if k else 0}, "
+            f"max relative residual {worst:.2e}"
+        )
+        return f"{text}. {self.message}" if self.message else text
+
+
+class Solver(abc.ABC):
+    """Solves ``A x = b`` for many right-hand sides with one setup.
+
+    ``init(operator)`` does the expensive part once (a factorisation, an
+    eigendecomposition, a spectral estimate) and returns a state;
+    ``solve(state, rhs)`` answers right-hand sides ``rhs`` of shape ``[K, P]``
+    and returns ``(x, info)`` with ``x`` of shape ``[K, P]``.
+    """
+
+    #: The inversion method's name, as in :class:`influx.InversionMethod`.
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def init(self, operator: LinearOperator, *, progress: bool = False) -> Any:
+        """Prepare to solve with ``operator``; returns the solver state."""
+
+    @abc.abstractmethod
+    def solve(
+        self, state: Any, rhs: Any, *, progress: bool = False
+    ) -> tuple[Any, SolveInfo]:
+        """Solve ``operator @ x_k = rhs[k]`` for every row ``k``."""
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The keyword options the solver accepts."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return [name for name in parameters if name != "self"]
+
+    def __repr__(self) -> str:
+        options = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in self.option_names()
+            if not name.startswith("x0") and name != "h0"
+        )
+        return f"{type(self).__name__}({options})"
+
+
+def row_norms(array: Any) -> Any:
+    """Euclidean norm of each row of ``[K, P]``, shape ``[K]``."""
+    xp = array_namespace(array)
+    return xp.sqrt(xp.sum(array * array, axis=1))
+
+
+def accumulation_dtype(like: Any) -> Any:
+    """float64 where the namespace and device support it, else ``like``'s dtype.
+
+    JAX without ``jax_enable_x64`` and some accelerators have no float64; there
+    the solver accumulates in the model's own dtype.
+    """
+    xp = array_namespace(like)
+    if like.dtype == xp.float64:
+        return xp.float64
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = xp.zeros(1, dtype=xp.float64, device=array_device(like))
+    except (TypeError, RuntimeError, ValueError):
+        return like.dtype
+    return xp.float64 if probe.dtype == xp.float64 else like.dtype
+
+
+def warn_if_not_converged(info: SolveInfo) -> None:
+    """Emit a :class:`NotConvergedWarning` carrying ``info.message``."""
+    if not info.all_converged:
+        warnings.warn(str(info), NotConvergedWarning, stacklevel=3)
+
+
+def to_host(array: Any, operator: LinearOperator) -> np.ndarray:
+    """``array`` as float64 numpy, via the operator's backend."""
+    return np.asarray(operator.to_numpy(array), dtype=np.float64)
+
+
+def initial_guess(value: Any, rhs: Any, operator: LinearOperator, name: str) -> Any:
+    """A user's starting point, ``[P]`` or ``[K, P]``, as ``[K, P]`` like ``rhs``."""
+    xp = array_namespace(rhs)
+    if isinstance(value, np.ndarray) or not hasattr(value, "shape"):
+        value = operator.from_numpy(np.asarray(value))
+    value = xp.astype(value, rhs.dtype)
+    if tuple(value.shape) == tuple(rhs.shape[1:]):
+        value = xp.broadcast_to(value[None, :], rhs.shape)
+    if tuple(value.shape) != tuple(rhs.shape):
+        raise InputError(
+            f"{name} must have shape [P]={tuple(rhs.shape[1:])} or "
+            f"[K, P]={tuple(rhs.shape)}, got {tuple(value.shape)}."
+        )
+    return value

@@ -1,0 +1,187 @@
+"""Conjugate gradients on all right-hand sides at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+from array_api_compat import device as array_device
+
+from influx._progress import progress_bar
+from influx.errors import InputError
+from influx.operators import LinearOperator
+from influx.solvers._base import (
+    SolveInfo,
+    Solver,
+    accumulation_dtype,
+    initial_guess,
+    row_norms,
+    to_host,
+    warn_if_not_converged,
+)
+
+__all__ = ["CgSolver"]
+
+
+@dataclass(frozen=True)
+class CgState:
+    """CG needs no setup beyond the operator."""
+
+    operator: LinearOperator
+
+
+class CgSolver(Solver):
+    """Conjugate gradients, batched over right-hand sides.
+
+    Every iteration applies the operator once to the stack of search
+    directions of the right-hand sides still running, so a pass over the
+    training data serves all of them. Each right-hand side stops on its own
+    when ``||r_k|| <= max(rtol * ||b_k||, atol)``; the finished ones leave the
+    stack. The recursion runs in float64 when the model is float32 (where the
+    framework and device support float64), which keeps the residuals honest
+    at tight tolerances.
+
+    Parameters
+    ----------
+    rtol
+        Relative tolerance on the residual norm.
+    atol
+        Absolute tolerance on the residual norm.
+    maxiter
+        Iteration limit; ``None`` means ``10 * P``.
+    x0
+        Initial guess, ``[P]`` (shared) or ``[K, P]``; ``None`` means zero.
+    """
+
+    name = "cg"
+
+    def __init__(
+        self,
+        *,
+        rtol: float = 1e-7,
+        atol: float = 1e-7,
+        maxiter: int | None = None,
+        x0: Any = None,
+    ) -> None:
+        if not rtol >= 0 or not atol >= 0:
+            raise InputError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}.")
+        if maxiter is not None and (not isinstance(maxiter, int) or maxiter < 1):
+            raise InputError(f"maxiter must be a positive int or None, got {maxiter!r}.")
+        self.rtol, self.atol, self.maxiter, self.x0 = float(rtol), float(atol), maxiter, x0
+
+    def init(self, operator: LinearOperator, *, progress: bool = False) -> CgState:
+        return CgState(operator)
+
+    def solve(
+        self, state: CgState, rhs: Any, *, progress: bool = False
+    ) -> tuple[Any, SolveInfo]:
+        op = state.operator
+        xp = array_namespace(rhs)
+        acc = accumulation_dtype(rhs)
+        b = xp.astype(rhs, acc)
+        k, size = int(b.shape[0]), int(b.shape[1])
+        maxiter = self.maxiter if self.maxiter is not None else 10 * size
+        b_norms = to_host(row_norms(b), op)
+        thresholds = np.maximum(self.rtol * b_norms, self.atol)
+
+        if self.x0 is None:
+            x = xp.zeros_like(b)
+            r = b
+        else:
+            x = initial_guess(self.x0, b, op, "x0")
+            r = b - op.mv(x)
+        p = r
+        rr = xp.sum(r * r, axis=1)
+
+        iterations = np.zeros(k, dtype=np.int64)
+        residuals = np.sqrt(np.maximum(to_host(rr, op), 0.0))
+        converged = np.zeros(k, dtype=bool)
+        breakdown = np.zeros(k, dtype=bool)
+        active = np.arange(k)  # original indices of the rows still running
+        done_x: list[Any] = []
+        done_idx: list[np.ndarray] = []
+
+        with progress_bar(progress, "CG", total=maxiter) as bar:
+            for iteration in range(maxiter + 1):
+                norms = np.sqrt(np.maximum(to_host(rr, op), 0.0))
+                residuals[active] = norms
+                finished = norms <= thresholds[active]
+                converged[active[finished]] = True
+                if iteration == maxiter:
+                    finished[:] = True  # out of iterations: every row stops here
+                ap = pap = None
+                if not np.all(finished):
+                    ap = op.mv(p)
+                    pap = xp.sum(p * ap, axis=1)
+                    stalled = (to_host(pap, op) <= 0) & ~finished
+                    breakdown[active[stalled]] = True
+                    finished |= stalled
+                if np.any(finished):
+                    done_x.append(_take(x, np.nonzero(finished)[0]))
+                    done_idx.append(active[finished])
+                    keep = np.nonzero(~finished)[0]
+                    active = active[keep]
+                    if active.size == 0:
+                        break
+                    x, r, p, rr, ap, pap = (_take(a, keep) for a in (x, r, p, rr, ap, pap))
+                alpha = rr / pap
+                x = x + alpha[:, None] * p
+                r = r - alpha[:, None] * ap
+                rr_new = xp.sum(r * r, axis=1)
+                p = r + (rr_new / rr)[:, None] * p
+                rr = rr_new
+                iterations[active] += 1
+                bar.update(1)
+                bar.set_postfix_str(f"running {active.size}/{k}")
+
+        order = np.argsort(np.concatenate(done_idx))
+        solution = _take(xp.concat(done_x, axis=0), order)
+        info = SolveInfo(
+            method=self.name,
+            iterations=iterations,
+            residual_norms=residuals,
+            rhs_norms=b_norms,
+            converged=converged,
+            message=_message(converged, breakdown, residuals, b_norms, maxiter, self),
+            extra={"residual": "recursive"},
+        )
+        warn_if_not_converged(info)
+        return xp.astype(solution, rhs.dtype), info
+
+
+def _take(array: Any, indices: np.ndarray) -> Any:
+    xp = array_namespace(array)
+    if indices.size == array.shape[0] and np.array_equal(indices, np.arange(indices.size)):
+        return array
+    index = xp.asarray(indices, device=array_device(array))
+    return xp.take(array, index, axis=0)
+
+
+def _message(
+    converged: np.ndarray,
+    breakdown: np.ndarray,
+    residuals: np.ndarray,
+    b_norms: np.ndarray,
+    maxiter: int,
+    solver: CgSolver,
+) -> str:
+    parts = []
+    k = converged.size
+    if np.any(breakdown):
+        parts.append(
+            f"{int(breakdown.sum())} of {k} right-hand sides stopped because the "
+            "Hessian is not positive definite along their search direction "
+            "(p.Hp <= 0): raise hessian_regularization"
+        )
+    late = ~converged & ~breakdown
+    if np.any(late):
+        relative = residuals[late] / np.where(b_norms[late] > 0, b_norms[late], 1.0)
+        parts.append(
+            f"{int(late.sum())} of {k} right-hand sides did not reach rtol="
+            f"{solver.rtol:g} / atol={solver.atol:g} in maxiter={maxiter} iterations "
+            f"(max relative residual {float(relative.max()):.2e}): raise maxiter, or "
+            "raise hessian_regularization to improve the conditioning"
+        )
+    return "; ".join(parts) + ("." if parts else "")
