@@ -1,0 +1,72 @@
+"""The JAX backend: detection, conversion and wrapping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influx_jax._model import JaxTwiceDifferentiable
+
+__all__ = ["JaxBackend"]
+
+
+class JaxBackend:
+    """JAX through ``jax.jit``, ``jax.vmap`` and ``jax.jvp`` (registered as ``"jax"``)."""
+
+    name = "jax"
+    framework_module = "jax"
+    install_hint = 'pip install "influx[jax]"'
+
+    def owns(self, obj: Any) -> bool:
+        """JAX arrays, wrappers and pytrees whose leaves are all JAX arrays."""
+        if isinstance(obj, jax.Array | JaxTwiceDifferentiable):
+            return True
+        if isinstance(obj, dict | list | tuple):
+            leaves = jax.tree_util.tree_leaves(obj)
+            return bool(leaves) and all(isinstance(leaf, jax.Array) for leaf in leaves)
+        return False
+
+    def is_native_array(self, obj: Any) -> bool:
+        """Whether ``obj`` is a ``jax.Array``."""
+        return isinstance(obj, jax.Array)
+
+    def asarray(self, obj: Any, like: Any | None = None) -> jax.Array:
+        """``obj`` as a JAX array; on ``like``'s device, floats in ``like``'s dtype."""
+        array = obj if isinstance(obj, jax.Array) else jnp.asarray(np.asarray(obj))
+        if like is None:
+            return array
+        if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype != like.dtype:
+            array = array.astype(like.dtype)
+        devices = getattr(like, "devices", None)
+        if devices is not None and array.devices() != like.devices():
+            array = jax.device_put(array, next(iter(like.devices())))
+        return array
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """A host numpy copy of a JAX array."""
+        return np.asarray(jax.device_get(array))
+
+    def twice_differentiable(
+        self, model: Any, loss: Callable[[Any, Any], Any], *, params: Any = None
+    ) -> JaxTwiceDifferentiable:
+        """Wrap ``apply_fn(params, x)`` with its ``params`` pytree."""
+        if params is None:
+            raise TypeError(
+                "The JAX backend needs params=...: pass the apply function as model "
+                "and its parameter pytree, twice_differentiable(apply_fn, loss, "
+                "params=params)."
+            )
+        return JaxTwiceDifferentiable(model, params, loss)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JaxBackend)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"JaxBackend(jax {jax.__version__})"

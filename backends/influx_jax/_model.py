@@ -1,0 +1,191 @@
+"""An apply function, its parameter pytree and a loss as a function of a flat vector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from influx.errors import InputError
+
+__all__ = ["JaxTwiceDifferentiable"]
+
+#: Columns of the identity pushed through one batched HVP when materialising
+#: the Hessian.
+HESSIAN_CHUNK = 256
+
+
+class JaxTwiceDifferentiable:
+    """A JAX model ``apply_fn(params, x)`` with its loss, differentiable in ``params``.
+
+    ``params`` may be any pytree of floating arrays (flax variables, an
+    equinox module's arrays, haiku parameters); it is flattened into ``theta``
+    (``[P]``) with ``jax.flatten_util.ravel_pytree``. The functions of the
+    protocol are ``jax.jit``-compiled once per batch shape.
+
+    Parameters
+    ----------
+    apply_fn
+        ``apply_fn(params, x) -> predictions`` for a batch ``x``.
+    params
+        The parameter pytree; all leaves floating, of one dtype.
+    loss
+        ``loss(predictions, targets) -> scalar``, a mean over the batch.
+
+    Examples
+    --------
+    >>> params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
+    >>> model = JaxTwiceDifferentiable(
+    ...     lambda p, x: x @ p["w"] + p["b"], params,
+    ...     lambda pred, y: jnp.mean((pred - y) ** 2))
+    >>> model.num_params
+    4
+    """
+
+    def __init__(
+        self, apply_fn: Callable[[Any, Any], Any], params: Any, loss: Callable[[Any, Any], Any]
+    ) -> None:
+        if not callable(apply_fn):
+            raise TypeError(
+                f"apply_fn must be callable as apply_fn(params, x), got "
+                f"{type(apply_fn).__name__}."
+            )
+        if not callable(loss):
+            raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves:
+            raise InputError("params is empty: pass the model's parameter pytree.")
+        dtypes = {jnp.asarray(leaf).dtype for leaf in leaves}
+        if len(dtypes) > 1 or not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
+            raise TypeError(
+                f"params leaves must share one floating dtype, got "
+                f"{sorted(map(str, dtypes))}. Cast them, e.g. with "
+                "jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)."
+            )
+        theta, unravel = ravel_pytree(params)
+        if not bool(jnp.all(jnp.isfinite(theta))):
+            paths = [
+                jax.tree_util.keystr(path)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                if not bool(jnp.all(jnp.isfinite(leaf)))
+            ]
+            raise InputError(
+                f"params leaves {', '.join(paths)} hold NaN or inf values; influences "
+                "of a diverged model are meaningless. Check the training."
+            )
+        self._apply_fn = apply_fn
+        self._loss = loss
+        self._params = params
+        self._theta = theta
+        self._unravel = unravel
+
+        self._per_sample_grads = jax.jit(
+            jax.vmap(jax.value_and_grad(self._sample_loss), in_axes=(None, 0, 0))
+        )
+        self._grad = jax.jit(jax.grad(self._batch_loss))
+        self._hvp = jax.jit(self._hvp_impl)
+        self._mixed = jax.jit(self._mixed_impl)
+
+    @property
+    def backend(self) -> Any:
+        """The JAX backend."""
+        from influx_jax._backend import JaxBackend
+
+        return JaxBackend()
+
+    @property
+    def apply_fn(self) -> Callable[[Any, Any], Any]:
+        """The wrapped apply function."""
+        return self._apply_fn
+
+    @property
+    def params(self) -> Any:
+        """The parameter pytree (as passed in)."""
+        return self._params
+
+    @property
+    def loss(self) -> Callable[[Any, Any], Any]:
+        """The batch-mean loss."""
+        return self._loss
+
+    @property
+    def num_params(self) -> int:
+        """Number ``P`` of parameters."""
+        return int(self._theta.shape[0])
+
+    @property
+    def dtype(self) -> Any:
+        """The parameters' dtype."""
+        return self._theta.dtype
+
+    @property
+    def parameters(self) -> jax.Array:
+        """Flat parameters ``theta``, ``[P]``."""
+        return self._theta
+
+    # -- the functions jax transforms ---------------------------------------
+
+    def _batch_loss(self, theta: jax.Array, x: Any, y: Any) -> jax.Array:
+        value = self._loss(self._apply_fn(self._unravel(theta), x), y)
+        if jnp.ndim(value) != 0:
+            raise InputError(
+                f"loss must return a scalar (the mean over the batch), got shape "
+                f"{jnp.shape(value)}. Reduce it with a mean over the batch."
+            )
+        return value
+
+    def _sample_loss(self, theta: jax.Array, x: Any, y: Any) -> jax.Array:
+        return self._batch_loss(theta, x[None], y[None])
+
+    def _hvp_impl(self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
+        gradient = jax.grad(self._batch_loss)
+
+        def single(v: jax.Array) -> jax.Array:
+            return jax.jvp(lambda t: gradient(t, x, y), (theta,), (v,))[1]
+
+        return jax.vmap(single)(vectors)
+
+    def _mixed_impl(self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
+        sample_grad = jax.grad(self._sample_loss)
+
+        def directional(xb: Any, yb: Any, v: jax.Array) -> jax.Array:
+            return jnp.dot(sample_grad(theta, xb, yb), v)
+
+        per_sample = jax.vmap(jax.grad(directional), in_axes=(0, 0, None))
+        return jax.vmap(per_sample, in_axes=(None, None, 0))(x, y, vectors)
+
+    # -- the TwiceDifferentiable protocol ------------------------------------
+
+    def per_sample_grads(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
+        """Per-sample gradients ``[B, P]`` and losses ``[B]``."""
+        losses, grads = self._per_sample_grads(self._theta, x, y)
+        return grads, losses
+
+    def grad(self, x: Any, y: Any) -> jax.Array:
+        """Gradient of the batch-mean loss, ``[P]``."""
+        return self._grad(self._theta, x, y)
+
+    def hvp(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
+        """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``."""
+        return self._hvp(self._theta, x, y, vectors)
+
+    def hessian(self, x: Any, y: Any) -> jax.Array:
+        """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
+        size = self.num_params
+        eye = jnp.eye(size, dtype=self.dtype)
+        rows = [self.hvp(x, y, eye[i : i + HESSIAN_CHUNK]) for i in range(0, size, HESSIAN_CHUNK)]
+        return jnp.concatenate(rows, axis=0)
+
+    def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
+        """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
+        return self._mixed(self._theta, x, y, vectors)
+
+    def __repr__(self) -> str:
+        name = getattr(self._apply_fn, "__qualname__", type(self._apply_fn).__name__)
+        return (
+            f"JaxTwiceDifferentiable({name}, num_params={self.num_params}, "
+            f"dtype={self.dtype})"
+        )

@@ -1,0 +1,66 @@
+"""Backend parametrisation shared by the test suite.
+
+Tests that take the ``backend_name`` fixture run once per selected backend.
+The selection is ``--backend torch,jax`` (or ``INFLUX_TEST_BACKENDS``); by
+default every backend whose framework is installed. A backend that is selected
+explicitly but not installed is an error, not a skip, so a CI session cannot
+pass by testing nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ALL_BACKENDS = ("torch", "jax")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        action="store",
+        default=None,
+        help="comma-separated backends to test (torch, jax, none); default: installed",
+    )
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def selected_backends(config: pytest.Config) -> list[str]:
+    raw = config.getoption("--backend") or os.environ.get("INFLUX_TEST_BACKENDS")
+    if raw is None:
+        return [name for name in ALL_BACKENDS if _installed(name)]
+    names = [n.strip() for n in raw.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in ALL_BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"unknown backend(s) {unknown}; choose from {ALL_BACKENDS}")
+    missing = [n for n in names if not _installed(n)]
+    if missing:
+        raise pytest.UsageError(
+            f"backend(s) {missing} selected but not installed: pip install 'influx[all]'"
+        )
+    return names
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _installed("jax"):
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", selected_backends(metafunc.config))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    both = all(_installed(n) for n in ALL_BACKENDS)
+    skip = pytest.mark.skip(reason="needs torch and jax installed (nox -s cross)")
+    for item in items:
+        if "cross" in item.keywords and not both:
+            item.add_marker(skip)

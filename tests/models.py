@@ -1,0 +1,117 @@
+"""Small models built identically on each backend, from numpy weights.
+
+Every factory takes numpy weights, so the same numbers can be wrapped on torch
+and on JAX and the results compared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import influx
+
+
+def linear_weights(
+    in_dim: int, out_dim: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights ``W [out, in]`` and bias ``b [out]`` of a linear model."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((out_dim, in_dim)), rng.standard_normal(out_dim)
+
+
+def mlp_weights(sizes: tuple[int, ...], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(W [out, in], b [out]), ...]`` of a tanh MLP with layer ``sizes``."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((o, i)) / np.sqrt(i), 0.1 * rng.standard_normal(o))
+        for i, o in zip(sizes[:-1], sizes[1:])
+    ]
+
+
+def torch_mlp(layers: list[tuple[np.ndarray, np.ndarray]], dtype: str) -> Any:
+    import torch
+
+    modules: list[Any] = []
+    for index, (w, b) in enumerate(layers):
+        linear = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.as_tensor(w))
+            linear.bias.copy_(torch.as_tensor(b))
+        modules.append(linear)
+        if index < len(layers) - 1:
+            modules.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*modules).to(getattr(torch, dtype))
+
+
+def jax_mlp(layers: list[tuple[np.ndarray, np.ndarray]], dtype: str) -> tuple[Any, Any]:
+    """``(apply_fn, params)``; params is a list of ``{"w", "b"}`` dicts."""
+    import jax.numpy as jnp
+
+    params = [
+        {"w": jnp.asarray(w, dtype=dtype), "b": jnp.asarray(b, dtype=dtype)}
+        for w, b in layers
+    ]
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = x
+        for index, layer in enumerate(p):
+            h = h @ layer["w"].T + layer["b"]
+            if index < len(p) - 1:
+                h = jnp.tanh(h)
+        return h
+
+    return apply_fn, params
+
+
+def mse_loss(backend_name: str) -> Any:
+    """Mean over all elements of ``(pred - y)^2``, as torch's ``MSELoss``."""
+    if backend_name == "torch":
+        import torch
+
+        return torch.nn.MSELoss()
+    import jax.numpy as jnp
+
+    return lambda pred, y: jnp.mean((pred - y) ** 2)
+
+
+def cross_entropy_loss(backend_name: str) -> Any:
+    """Mean cross-entropy of logits and integer labels."""
+    if backend_name == "torch":
+        import torch
+
+        return torch.nn.CrossEntropyLoss()
+    import jax
+    import jax.numpy as jnp
+
+    def loss(logits: Any, y: Any) -> Any:
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+    return loss
+
+
+def wrap_mlp(
+    backend_name: str,
+    layers: list[tuple[np.ndarray, np.ndarray]],
+    loss: str = "mse",
+    dtype: str = "float64",
+) -> influx.TwiceDifferentiable:
+    """The MLP of ``layers`` wrapped on ``backend_name``.
+
+    A single layer is a linear model. ``loss`` is ``"mse"`` or
+    ``"cross_entropy"``.
+    """
+    loss_fn = mse_loss(backend_name) if loss == "mse" else cross_entropy_loss(backend_name)
+    if backend_name == "torch":
+        return influx.twice_differentiable(torch_mlp(layers, dtype), loss_fn)
+    apply_fn, params = jax_mlp(layers, dtype)
+    return influx.twice_differentiable(apply_fn, loss_fn, params=params)
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """Any backend's array as float64 numpy."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
