@@ -35,14 +35,14 @@ def torch_mlp(layers: list[tuple[np.ndarray, np.ndarray]], dtype: str) -> Any:
 
     modules: list[Any] = []
     for index, (w, b) in enumerate(layers):
-        linear = torch.nn.Linear(w.shape[1], w.shape[0])
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], dtype=getattr(torch, dtype))
         with torch.no_grad():
             linear.weight.copy_(torch.as_tensor(w))
             linear.bias.copy_(torch.as_tensor(b))
         modules.append(linear)
         if index < len(layers) - 1:
             modules.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*modules).to(getattr(torch, dtype))
+    return torch.nn.Sequential(*modules)
 
 
 def jax_mlp(layers: list[tuple[np.ndarray, np.ndarray]], dtype: str) -> tuple[Any, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from influx.errors import InputError
 
@@ -176,14 +176,19 @@ class TorchTwiceDifferentiable:
             return grad(self._batch_loss)(self._theta, x, y).detach()
 
     def hvp(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:
-        """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``."""
-        gradient = grad(self._batch_loss)
+        """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``.
 
-        def single(v: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda t: gradient(t, x, y), (self._theta,), (v,))[1]
-
+        Reverse over reverse: the gradient map is differentiated once with
+        ``vjp`` and its pullback is mapped over the vectors (the Hessian is
+        symmetric, so the vector-Jacobian product is the Hessian-vector
+        product). This shares the first-order graph between all ``K`` vectors
+        and, unlike forward over reverse, works with every loss torch
+        differentiates (``mse_loss`` has no forward-mode rule over its
+        backward).
+        """
         with self._eval_mode():
-            return vmap(single)(vectors).detach()
+            _, pullback = vjp(lambda t: grad(self._batch_loss)(t, x, y), self._theta)
+            return vmap(pullback)(vectors)[0].detach()
 
     def hessian(self, x: Any, y: Any) -> torch.Tensor:
         """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
