@@ -15,7 +15,7 @@ __all__ = ["JaxBackend"]
 
 
 class JaxBackend:
-    """JAX through ``jax.jit``, ``jax.vmap`` and ``jax.jvp`` (registered as ``"jax"``)."""
+    """JAX through ``jax.jit``, ``jax.vmap`` and ``jax.jvp`` (registered ``"jax"``)."""
 
     name = "jax"
     framework_module = "jax"
@@ -61,6 +61,12 @@ class JaxBackend:
                 "params=params)."
             )
         return JaxTwiceDifferentiable(model, params, loss)
+
+    def train_demo_model(self, *args: Any, **kwargs: Any) -> Any:
+        """Train the small classifier of ``influx demo`` (see ``_demo``)."""
+        from influx_jax._demo import train_demo_model
+
+        return train_demo_model(*args, **kwargs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, JaxBackend)

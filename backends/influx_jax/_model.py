@@ -46,7 +46,10 @@ class JaxTwiceDifferentiable:
     """
 
     def __init__(
-        self, apply_fn: Callable[[Any, Any], Any], params: Any, loss: Callable[[Any, Any], Any]
+        self,
+        apply_fn: Callable[[Any, Any], Any],
+        params: Any,
+        loss: Callable[[Any, Any], Any],
     ) -> None:
         if not callable(apply_fn):
             raise TypeError(
@@ -140,7 +143,9 @@ class JaxTwiceDifferentiable:
     def _sample_loss(self, theta: jax.Array, x: Any, y: Any) -> jax.Array:
         return self._batch_loss(theta, x[None], y[None])
 
-    def _hvp_impl(self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
+    def _hvp_impl(
+        self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array
+    ) -> jax.Array:
         gradient = jax.grad(self._batch_loss)
 
         def single(v: jax.Array) -> jax.Array:
@@ -148,7 +153,9 @@ class JaxTwiceDifferentiable:
 
         return jax.vmap(single)(vectors)
 
-    def _mixed_impl(self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
+    def _mixed_impl(
+        self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array
+    ) -> jax.Array:
         sample_grad = jax.grad(self._sample_loss)
 
         def directional(xb: Any, yb: Any, v: jax.Array) -> jax.Array:
@@ -176,7 +183,10 @@ class JaxTwiceDifferentiable:
         """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
         size = self.num_params
         eye = jnp.eye(size, dtype=self.dtype)
-        rows = [self.hvp(x, y, eye[i : i + HESSIAN_CHUNK]) for i in range(0, size, HESSIAN_CHUNK)]
+        rows = [
+            self.hvp(x, y, eye[i : i + HESSIAN_CHUNK])
+            for i in range(0, size, HESSIAN_CHUNK)
+        ]
         return jnp.concatenate(rows, axis=0)
 
     def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:

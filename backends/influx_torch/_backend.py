@@ -22,7 +22,9 @@ class TorchBackend:
 
     def owns(self, obj: Any) -> bool:
         """Torch modules, tensors and wrappers belong to torch."""
-        return isinstance(obj, torch.nn.Module | torch.Tensor | TorchTwiceDifferentiable)
+        return isinstance(
+            obj, torch.nn.Module | torch.Tensor | TorchTwiceDifferentiable
+        )
 
     def is_native_array(self, obj: Any) -> bool:
         """Whether ``obj`` is a ``torch.Tensor``."""
@@ -30,7 +32,9 @@ class TorchBackend:
 
     def asarray(self, obj: Any, like: Any | None = None) -> torch.Tensor:
         """``obj`` as a tensor; on ``like``'s device, floats in ``like``'s dtype."""
-        tensor = obj if isinstance(obj, torch.Tensor) else torch.as_tensor(np.asarray(obj))
+        tensor = (
+            obj if isinstance(obj, torch.Tensor) else torch.as_tensor(np.asarray(obj))
+        )
         if like is None:
             return tensor
         dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
@@ -50,6 +54,12 @@ class TorchBackend:
                 "parameters. Call twice_differentiable(module, loss) without params."
             )
         return TorchTwiceDifferentiable(model, loss)
+
+    def train_demo_model(self, *args: Any, **kwargs: Any) -> Any:
+        """Train the small classifier of ``influx demo`` (see ``_demo``)."""
+        from influx_torch._demo import train_demo_model
+
+        return train_demo_model(*args, **kwargs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TorchBackend)

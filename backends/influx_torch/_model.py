@@ -142,7 +142,9 @@ class TorchTwiceDifferentiable:
         pieces = torch.split(theta, self._sizes)
         return {
             name: piece.view(shape)
-            for name, piece, shape in zip(self._names, pieces, self._shapes)
+            for name, piece, shape in zip(
+                self._names, pieces, self._shapes, strict=True
+            )
         }
 
     def _batch_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
@@ -194,7 +196,10 @@ class TorchTwiceDifferentiable:
         """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
         size = self.num_params
         eye = torch.eye(size, dtype=self.dtype, device=self.device)
-        rows = [self.hvp(x, y, eye[i : i + HESSIAN_CHUNK]) for i in range(0, size, HESSIAN_CHUNK)]
+        rows = [
+            self.hvp(x, y, eye[i : i + HESSIAN_CHUNK])
+            for i in range(0, size, HESSIAN_CHUNK)
+        ]
         return torch.cat(rows, dim=0)
 
     def mixed_grads(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ __all__ = [
     "detect_backend",
     "get_backend",
     "resolve_backend",
+    "resolve_backend_name",
     "use_backend",
 ]
 
@@ -105,7 +107,7 @@ def _load_builtin(name: str) -> Backend:
             raise  # the adapter itself is missing: a broken installation
         raise BackendNotInstalledError(
             f"The {name!r} backend needs {framework}, which could not be imported "
-            f"({error}). Install it with: pip install \"{extra}\""
+            f'({error}). Install it with: pip install "{extra}"'
         ) from error
     return _instantiate(name, getattr(module, class_name))
 
@@ -198,6 +200,26 @@ def _configured() -> tuple[str | Backend | None, str]:
     if env:
         return env, f"the {ENV_VAR} environment variable"
     return None, ""
+
+
+def resolve_backend_name(backend: str | Backend | None = None) -> str | Backend:
+    """The backend for a call without a model: explicit, configured or default.
+
+    The default is the first built-in backend whose framework is installed
+    (torch, then jax), found without importing it.
+    """
+    if backend is not None:
+        return backend
+    chosen, _ = _configured()
+    if chosen is not None:
+        return chosen
+    for name, (_, _, framework, _) in _BUILTINS.items():
+        if importlib.util.find_spec(framework) is not None:
+            return name
+    raise BackendNotInstalledError(
+        'No framework is installed for influx: pip install "influx[torch]" or '
+        'pip install "influx[jax]".'
+    )
 
 
 def _owners(obj: Any) -> list[Backend]:

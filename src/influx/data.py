@@ -216,7 +216,11 @@ class DataReader:
         return self._convert(x, index, "x"), self._convert(y, index, "y")
 
     def _split(self, batch: Any, index: int) -> tuple[Any, Any]:
-        if isinstance(batch, dict) or not isinstance(batch, Sequence) or len(batch) != 2:
+        if (
+            isinstance(batch, dict)
+            or not isinstance(batch, Sequence)
+            or len(batch) != 2
+        ):
             raise TypeError(
                 f"{self.name} batch {index} is a {type(batch).__name__}; each batch "
                 "must be an (x, y) pair. Wrap arrays with influx.batches(x, y, "
@@ -241,7 +245,9 @@ class DataReader:
         return backend.asarray(array, like=self._like)
 
 
-def evaluation_error(reader_name: str, index: int, x: Any, error: Exception) -> InputError:
+def evaluation_error(
+    reader_name: str, index: int, x: Any, error: Exception
+) -> InputError:
     """A clear error for a batch the model or loss could not be evaluated on."""
     shape = tuple(getattr(x, "shape", ()))
     return InputError(

@@ -326,4 +326,3 @@ def _check_factors(model: TwiceDifferentiable, factors: Any) -> Any:
         )
     xp = array_namespace(factors)
     return xp.astype(factors, model.dtype)
-

@@ -147,7 +147,10 @@ class DenseOperator(LinearOperator):
     """
 
     def __init__(
-        self, matrix: Any, tags: frozenset[str] = frozenset(), backend: Backend | None = None
+        self,
+        matrix: Any,
+        tags: frozenset[str] = frozenset(),
+        backend: Backend | None = None,
     ) -> None:
         shape = tuple(matrix.shape)
         if len(shape) != 2 or shape[0] != shape[1]:
@@ -267,7 +270,11 @@ class SumOperator(_CompositeOperator):
         return self._base.to_dense(progress) + self.second.to_dense(progress)
 
     def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
-        for a, b in zip(self._base.sample_matvecs(rng), self.second.sample_matvecs(rng)):
+        for a, b in zip(
+            self._base.sample_matvecs(rng),
+            self.second.sample_matvecs(rng),
+            strict=False,
+        ):
             yield lambda v, a=a, b=b: a(v) + b(v)
 
 
@@ -377,9 +384,11 @@ class HessianOperator(LinearOperator):
 
         Each estimate is scaled by ``num_batches * batch_size / N`` so that it
         is unbiased also when batch sizes differ. When the training data is a
-        sequence (a list, :func:`influx.batches`), each epoch visits the
-        batches in an order drawn from ``rng``; other iterables (a
-        ``DataLoader``) are read in their own order, shuffled or not.
+        sequence (a list, :func:`influx.batches`), each step draws its batch
+        from ``rng`` independently, with replacement: visiting the batches in
+        epochs (a permutation each) correlates the batch with the iterate and
+        biases the LiSSA fixed point. Other iterables (a ``DataLoader``) are
+        read in their own order, shuffled or not.
         """
         reader = self.reader
         num_samples = reader.num_samples
@@ -387,7 +396,7 @@ class HessianOperator(LinearOperator):
         indexable = hasattr(data, "__getitem__") and hasattr(data, "__len__")
         while True:
             if indexable:
-                for i in rng.permutation(len(data)):
+                for i in rng.integers(len(data), size=len(data)):
                     prepared = reader.prepare(int(i), data[int(i)])
                     if prepared is not None:
                         item = (int(i), *prepared)

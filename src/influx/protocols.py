@@ -153,6 +153,9 @@ class Backend(Protocol):
         *,
         params: Any = None,
     ) -> TwiceDifferentiable:
-        """Wrap ``model`` and ``loss`` (and ``params``, where the framework
-        keeps them apart from the model) into a :class:`TwiceDifferentiable`."""
+        """Wrap a model and its loss into a :class:`TwiceDifferentiable`.
+
+        ``params`` is for frameworks that keep parameters apart from the model
+        (JAX); ``None`` otherwise.
+        """
         ...

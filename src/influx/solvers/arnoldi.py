@@ -89,7 +89,9 @@ class ArnoldiSolver(Solver):
         if not tol >= 0:
             raise InputError(f"tol must be >= 0, got {tol!r}.")
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
-            raise InputError(f"max_iter must be a positive int or None, got {max_iter!r}.")
+            raise InputError(
+                f"max_iter must be a positive int or None, got {max_iter!r}."
+            )
         self.rank_estimate, self.krylov_dimension = rank_estimate, krylov_dimension
         self.tol, self.max_iter = float(tol), max_iter
 
@@ -132,7 +134,9 @@ class ArnoldiSolver(Solver):
 
             def matmat(block: np.ndarray) -> np.ndarray:
                 columns = np.asarray(block, dtype=np.float64).reshape(size, -1)
-                image = operator.mv(operator.from_numpy(np.ascontiguousarray(columns.T)))
+                image = operator.mv(
+                    operator.from_numpy(np.ascontiguousarray(columns.T))
+                )
                 counter[0] += columns.shape[1]
                 bar.update(columns.shape[1])
                 return to_host(image, operator).T
@@ -203,4 +207,3 @@ class ArnoldiSolver(Solver):
             },
         )
         return x, info
-

@@ -66,10 +66,19 @@ class CgSolver(Solver):
         x0: Any = None,
     ) -> None:
         if not rtol >= 0 or not atol >= 0:
-            raise InputError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}.")
+            raise InputError(
+                f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}."
+            )
         if maxiter is not None and (not isinstance(maxiter, int) or maxiter < 1):
-            raise InputError(f"maxiter must be a positive int or None, got {maxiter!r}.")
-        self.rtol, self.atol, self.maxiter, self.x0 = float(rtol), float(atol), maxiter, x0
+            raise InputError(
+                f"maxiter must be a positive int or None, got {maxiter!r}."
+            )
+        self.rtol, self.atol, self.maxiter, self.x0 = (
+            float(rtol),
+            float(atol),
+            maxiter,
+            x0,
+        )
 
     def init(self, operator: LinearOperator, *, progress: bool = False) -> CgState:
         return CgState(operator)
@@ -125,7 +134,9 @@ class CgSolver(Solver):
                     active = active[keep]
                     if active.size == 0:
                         break
-                    x, r, p, rr, ap, pap = (_take(a, keep) for a in (x, r, p, rr, ap, pap))
+                    x, r, p, rr, ap, pap = (
+                        _take(a, keep) for a in (x, r, p, rr, ap, pap)
+                    )
                 alpha = rr / pap
                 x = x + alpha[:, None] * p
                 r = r - alpha[:, None] * ap
@@ -153,7 +164,9 @@ class CgSolver(Solver):
 
 def _take(array: Any, indices: np.ndarray) -> Any:
     xp = array_namespace(array)
-    if indices.size == array.shape[0] and np.array_equal(indices, np.arange(indices.size)):
+    if indices.size == array.shape[0] and np.array_equal(
+        indices, np.arange(indices.size)
+    ):
         return array
     index = xp.asarray(indices, device=array_device(array))
     return xp.take(array, index, axis=0)

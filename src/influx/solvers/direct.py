@@ -111,4 +111,3 @@ class DirectSolver(Solver):
 def _numpy_dtype(array: Any) -> Any:
     name = str(array.dtype).rsplit(".", 1)[-1]
     return np.dtype(name)
-

@@ -133,8 +133,8 @@ class LissaSolver(Solver):
                     raise InputError(
                         f"LiSSA diverged at step {steps} (scale={scale:.3e}, "
                         f"dampen={self.dampen:g}): the Hessian may not be positive "
-                        "definite. Raise hessian_regularization, raise scale or dampen, "
-                        "or leave scale=None to choose one."
+                        "definite. Raise hessian_regularization, raise scale or "
+                        "dampen, or leave scale=None to choose one."
                     )
                 change = np.where(size > 0, diff / np.where(size > 0, size, 1.0), 0.0)
                 h = h_new
@@ -173,4 +173,3 @@ class LissaSolver(Solver):
         )
         warn_if_not_converged(info)
         return xp.astype(x, rhs.dtype), info
-

@@ -1,0 +1,74 @@
+"""Sessions: tests per backend and Python, the framework-free core, cross-backend
+agreement, lint, and the demo.
+
+``nox`` runs the default sessions (lint, core, tests, cross); ``nox -l`` lists
+them. Interpreters that are not installed are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "core", "tests", "cross"]
+nox.options.error_on_missing_interpreters = False
+nox.options.reuse_existing_virtualenvs = False
+
+# torch is pinned to the CPU build this project tests against; override with
+# INFLUX_TORCH_SPEC (e.g. "torch>=2.1") on another machine.
+TORCH_SPEC = os.environ.get("INFLUX_TORCH_SPEC", "torch==2.13.0")
+TORCH_PYTHON = "3.11"
+JAX_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+MATRIX = [(TORCH_PYTHON, "torch")] + [(python, "jax") for python in JAX_PYTHONS]
+
+
+def _install(session: nox.Session, *extras: str) -> None:
+    if "torch" in extras:
+        session.install(TORCH_SPEC)
+    session.install(f".[{','.join(('test', *extras))}]")
+
+
+@nox.session
+@nox.parametrize("python,backend", MATRIX, ids=[f"{p}-{b}" for p, b in MATRIX])
+def tests(session: nox.Session, backend: str) -> None:
+    """The test suite on one backend and Python version."""
+    _install(session, backend)
+    session.run("pytest", f"--backend={backend}", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def cross(session: nox.Session) -> None:
+    """torch and JAX on the same weights must agree (both installed)."""
+    _install(session, "torch", "jax")
+    session.run("pytest", "-m", "cross", "--backend=torch,jax", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def core(session: nox.Session) -> None:
+    """The core without any framework: registry, data, solvers, a fake plugin."""
+    _install(session)
+    session.run(
+        "python",
+        "-c",
+        "import sys, influx; "
+        "assert not {'torch', 'jax'} & set(sys.modules), 'core imported a framework'",
+    )
+    session.run("pytest", "--backend=none", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=TORCH_PYTHON)
+@nox.parametrize("backend", ["torch", "jax"])
+def demo(session: nox.Session, backend: str) -> None:
+    """Run ``influx demo`` from a fresh install, as the README says."""
+    _install(session, backend)
+    session.run("influx", "demo", env={"INFLUX_BACKEND": backend})
