@@ -177,7 +177,7 @@ class JaxTwiceDifferentiable:
 
     def hvp(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``."""
-        return self._hvp(self._theta, x, y, vectors)
+        return _bucketed(self._hvp, self._theta, x, y, vectors)
 
     def hessian(self, x: Any, y: Any) -> jax.Array:
         """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
@@ -191,7 +191,7 @@ class JaxTwiceDifferentiable:
 
     def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
-        return self._mixed(self._theta, x, y, vectors)
+        return _bucketed(self._mixed, self._theta, x, y, vectors)
 
     def __repr__(self) -> str:
         name = getattr(self._apply_fn, "__qualname__", type(self._apply_fn).__name__)
@@ -199,3 +199,25 @@ class JaxTwiceDifferentiable:
             f"JaxTwiceDifferentiable({name}, num_params={self.num_params}, "
             f"dtype={self.dtype})"
         )
+
+
+def _bucket(count: int) -> int:
+    """``count`` rounded up to a power of two, or to a multiple of 64 above 64."""
+    if count <= 64:
+        return 1 << max(count - 1, 0).bit_length()
+    return -(-count // 64) * 64
+
+
+def _bucketed(fn: Callable[..., Any], theta: Any, x: Any, y: Any, vectors: Any) -> Any:
+    """``fn(theta, x, y, vectors)`` with ``vectors`` zero-padded to a bucket size.
+
+    Solvers shrink the stack of vectors as right-hand sides converge; padding
+    to a few bucket sizes keeps ``jax.jit`` from compiling anew for each
+    count. The padded rows are dropped from the result.
+    """
+    count = int(vectors.shape[0])
+    padded = _bucket(count)
+    if padded != count:
+        pad = jnp.zeros((padded - count, vectors.shape[1]), dtype=vectors.dtype)
+        vectors = jnp.concatenate([vectors, pad], axis=0)
+    return fn(theta, x, y, vectors)[:count]

@@ -108,46 +108,56 @@ class CgSolver(Solver):
         residuals = np.sqrt(np.maximum(to_host(rr, op), 0.0))
         converged = np.zeros(k, dtype=bool)
         breakdown = np.zeros(k, dtype=bool)
-        active = np.arange(k)  # original indices of the rows still running
+        rows = np.arange(k)  # original index of each row of x, r, p
+        running = np.ones(k, dtype=bool)  # rows still iterating
         done_x: list[Any] = []
-        done_idx: list[np.ndarray] = []
+        done_rows: list[np.ndarray] = []
 
         with progress_bar(progress, "CG", total=maxiter) as bar:
             for iteration in range(maxiter + 1):
                 norms = np.sqrt(np.maximum(to_host(rr, op), 0.0))
-                residuals[active] = norms
-                finished = norms <= thresholds[active]
-                converged[active[finished]] = True
+                residuals[rows[running]] = norms[running]
+                finished = running & (norms <= thresholds[rows])
+                converged[rows[finished]] = True
                 if iteration == maxiter:
-                    finished[:] = True  # out of iterations: every row stops here
-                ap = pap = None
-                if not np.all(finished):
+                    finished = running.copy()  # out of iterations: all stop here
+                running &= ~finished
+                if running.any():
                     ap = op.mv(p)
                     pap = xp.sum(p * ap, axis=1)
-                    stalled = (to_host(pap, op) <= 0) & ~finished
-                    breakdown[active[stalled]] = True
-                    finished |= stalled
-                if np.any(finished):
-                    done_x.append(_take(x, np.nonzero(finished)[0]))
-                    done_idx.append(active[finished])
-                    keep = np.nonzero(~finished)[0]
-                    active = active[keep]
-                    if active.size == 0:
-                        break
+                    stalled = running & (to_host(pap, op) <= 0)
+                    breakdown[rows[stalled]] = True
+                    running &= ~stalled
+                if not running.any():
+                    break
+                if 2 * int(running.sum()) <= rows.size:
+                    # Compact only when half the rows have stopped: the stack
+                    # then takes few distinct sizes, which keeps compiled
+                    # backends (jax.jit) from recompiling at every size.
+                    stopped = np.nonzero(~running)[0]
+                    done_x.append(_take(x, stopped))
+                    done_rows.append(rows[stopped])
+                    keep = np.nonzero(running)[0]
+                    rows, running = rows[keep], running[keep]
                     x, r, p, rr, ap, pap = (
                         _take(a, keep) for a in (x, r, p, rr, ap, pap)
                     )
-                alpha = rr / pap
+                # stopped rows get zero steps and keep their x and r
+                mask = xp.asarray(running, device=array_device(rr))
+                alpha = xp.where(mask, rr / xp.where(mask, pap, 1.0), 0.0)
                 x = x + alpha[:, None] * p
                 r = r - alpha[:, None] * ap
                 rr_new = xp.sum(r * r, axis=1)
-                p = r + (rr_new / rr)[:, None] * p
+                beta = xp.where(mask, rr_new / xp.where(mask, rr, 1.0), 0.0)
+                p = r + beta[:, None] * p
                 rr = rr_new
-                iterations[active] += 1
+                iterations[rows[running]] += 1
                 bar.update(1)
-                bar.set_postfix_str(f"running {active.size}/{k}")
+                bar.set_postfix_str(f"running {int(running.sum())}/{k}")
 
-        order = np.argsort(np.concatenate(done_idx))
+        done_x.append(x)
+        done_rows.append(rows)
+        order = np.argsort(np.concatenate(done_rows))
         solution = _take(xp.concat(done_x, axis=0), order)
         info = SolveInfo(
             method=self.name,
