@@ -115,3 +115,26 @@ def to_numpy(array: Any) -> np.ndarray:
     if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
     return np.asarray(array, dtype=np.float64)
+
+
+def to_backend(backend_name: str, array: np.ndarray) -> Any:
+    """A numpy array as a native array of ``backend_name`` (same dtype)."""
+    if backend_name == "torch":
+        import torch
+
+        return torch.as_tensor(np.array(array))
+    import jax.numpy as jnp
+
+    return jnp.asarray(array)
+
+
+def raw_model(
+    backend_name: str,
+    layers: list[tuple[np.ndarray, np.ndarray]],
+    dtype: str = "float64",
+) -> tuple[Any, Any]:
+    """``(model, params)`` before wrapping: a torch module and ``None``, or a JAX
+    apply function and its parameter pytree."""
+    if backend_name == "torch":
+        return torch_mlp(layers, dtype), None
+    return jax_mlp(layers, dtype)

@@ -226,7 +226,8 @@ def _owners(obj: Any) -> list[Backend]:
     """Backends whose framework is imported and that claim ``obj``."""
     owners = []
     for name, (_, _, framework, _) in _BUILTINS.items():
-        if framework in sys.modules:
+        # A None entry marks an import that was blocked or failed: not imported.
+        if sys.modules.get(framework) is not None:
             backend = get_backend(name)
             if backend.owns(obj):
                 owners.append(backend)
@@ -239,7 +240,7 @@ def _owners(obj: Any) -> list[Backend]:
             backend = get_backend(name)
         except ImportError:
             continue
-        if backend.framework_module in sys.modules and backend.owns(obj):
+        if sys.modules.get(backend.framework_module) is not None and backend.owns(obj):
             owners.append(backend)
     return owners
 

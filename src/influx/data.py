@@ -5,7 +5,9 @@ influx accepts any object that can be iterated over more than once and yields
 ``torch.utils.data.DataLoader``, a list of tuples, or :func:`batches` over numpy,
 torch or JAX arrays. Batches may have different sizes (a short last batch is
 weighted by its size). Data is converted to the model's framework by its
-backend, batch by batch, when it is used.
+backend, batch by batch, when it is used: numpy arrays and arrays of another
+framework (a torch ``DataLoader`` feeding a JAX model) are copied through the
+host; floating data takes the model's dtype.
 """
 
 from __future__ import annotations
@@ -36,15 +38,15 @@ class Batches(Sequence[tuple[Any, Any]]):
                 f"batch_size must be a positive int, got {type(batch_size).__name__}."
             )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+            raise InputError(f"batch_size must be at least 1, got {batch_size}.")
         n_x, n_y = _leading_length(x, "x"), _leading_length(y, "y")
         if n_x != n_y:
-            raise ValueError(
+            raise InputError(
                 f"x and y must have the same number of points, got {n_x} inputs and "
                 f"{n_y} targets. Pass one target per input."
             )
         if n_x == 0:
-            raise ValueError("x and y are empty: pass at least one point.")
+            raise InputError("x and y are empty: pass at least one point.")
         self._x, self._y = x, y
         self.batch_size = int(batch_size)
         self.num_samples = n_x
@@ -94,8 +96,9 @@ def batches(x: Any, y: Any, *, batch_size: int = 64) -> Batches:
 
     Raises
     ------
-    ValueError
-        If ``x`` and ``y`` differ in length, are empty, or ``batch_size < 1``.
+    InputError
+        (a ``ValueError``) If ``x`` and ``y`` differ in length, are empty, or
+        ``batch_size < 1``.
 
     Examples
     --------
@@ -237,11 +240,9 @@ class DataReader:
 
             owner = detect_backend(array)
             if owner is not None and owner.name != backend.name:
-                raise TypeError(
-                    f"{self.name} batch {index}: {part} is a {owner.name} array but "
-                    f"the model runs on {backend.name}. Pass numpy arrays or "
-                    f"{backend.name} arrays."
-                )
+                # Another framework's array (a torch DataLoader feeding a JAX
+                # model, say): go through the host.
+                array = owner.to_numpy(array)
         return backend.asarray(array, like=self._like)
 
 

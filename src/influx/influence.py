@@ -96,7 +96,10 @@ def compute_influence_factors(
     _check_regularization(hessian_perturbation, "hessian_perturbation")
     solver = make_solver(parse_inversion_method(inversion_method), **kwargs)
     operator = HessianOperator(model, training_data, progress=progress)
-    test_reader = DataReader(test_data, "test_data", model.backend, model.parameters)
+    # When the test points default to the training data, errors name the
+    # argument the user actually passed.
+    test_name = "training_data" if test_data is training_data else "test_data"
+    test_reader = DataReader(test_data, test_name, model.backend, model.parameters)
     rhs = _concat(list(_gradients(model, test_reader, progress, "Test gradients")))
     state = solver.init(operator.shift(hessian_perturbation), progress=progress)
     factors, info = solver.solve(state, rhs, progress=progress)
@@ -131,9 +134,20 @@ def compute_influences_up(
     Any
         Native array ``[N_factors, M]``.
     """
+    return _influences_up(model, input_data, influence_factors, progress, "input_data")
+
+
+def _influences_up(
+    model: TwiceDifferentiable,
+    data: Any,
+    influence_factors: Any,
+    progress: bool,
+    name: str,
+) -> Any:
+    """:func:`compute_influences_up`, naming the data ``name`` in errors."""
     _check_model(model)
     factors = _check_factors(model, influence_factors)
-    reader = DataReader(input_data, "input_data", model.backend, model.parameters)
+    reader = DataReader(data, name, model.backend, model.parameters)
     columns = [
         factors @ grads.T
         for grads in _gradients(model, reader, progress, "Up-weighting influences")
@@ -167,9 +181,22 @@ def compute_influences_pert(
     Any
         Native array ``[N_factors, M, *S]``.
     """
+    return _influences_pert(
+        model, input_data, influence_factors, progress, "input_data"
+    )
+
+
+def _influences_pert(
+    model: TwiceDifferentiable,
+    data: Any,
+    influence_factors: Any,
+    progress: bool,
+    name: str,
+) -> Any:
+    """:func:`compute_influences_pert`, naming the data ``name`` in errors."""
     _check_model(model)
     factors = _check_factors(model, influence_factors)
-    reader = DataReader(input_data, "input_data", model.backend, model.parameters)
+    reader = DataReader(data, name, model.backend, model.parameters)
     xp = array_namespace(factors)
     blocks = []
     batches = progress_iter(
@@ -182,7 +209,7 @@ def compute_influences_pert(
             raise
         except (RuntimeError, TypeError, ValueError) as error:
             raise evaluation_error(reader.name, index, x, error) from error
-        _ensure_finite(block, f"input_data batch {index}: the perturbation influence")
+        _ensure_finite(block, f"{name} batch {index}: the perturbation influence")
         blocks.append(block)
     return xp.concat(blocks, axis=1)
 
@@ -247,15 +274,10 @@ def compute_influences(
         progress=progress,
         **kwargs,
     )
-    compute = (
-        compute_influences_up if kind is InfluenceType.Up else compute_influences_pert
-    )
-    return compute(
-        differentiable_model,
-        training_data if input_data is None else input_data,
-        factors,
-        progress=progress,
-    )
+    compute = _influences_up if kind is InfluenceType.Up else _influences_pert
+    data = training_data if input_data is None else input_data
+    name = "training_data" if data is training_data else "input_data"
+    return compute(differentiable_model, data, factors, progress, name)
 
 
 def _gradients(

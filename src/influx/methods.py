@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from influx.errors import InputError
+
 __all__ = ["InfluenceType", "InversionMethod"]
 
 
@@ -44,7 +46,7 @@ def _parse(enum: type[Enum], value: object, argument: str) -> Enum:
             if value.strip().lower() == member.value:
                 return member
     valid = ", ".join(repr(m.value) for m in enum)  # type: ignore[attr-defined]
-    raise ValueError(f"Unknown {argument} {value!r}. Valid values: {valid}.")
+    raise InputError(f"Unknown {argument} {value!r}. Valid values: {valid}.")
 
 
 def parse_inversion_method(value: object) -> InversionMethod:

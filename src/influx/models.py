@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from influx.backends import resolve_backend
+from influx.backends import _configured, resolve_backend
 from influx.protocols import Backend, TwiceDifferentiable
 
 __all__ = ["twice_differentiable"]
@@ -55,5 +55,15 @@ def twice_differentiable(
             f"loss must be a callable loss(predictions, targets) -> scalar, got "
             f"{type(loss).__name__}."
         )
-    chosen = resolve_backend(model, params, backend=backend)
+    try:
+        chosen = resolve_backend(model, params, backend=backend)
+    except TypeError as error:
+        if params is None and backend is None and _configured()[0] is None:
+            # Nothing claims the model: most likely a JAX apply function
+            # passed without its parameters.
+            raise TypeError(
+                f"{error} If model is a JAX apply function, pass its parameter "
+                "pytree too: twice_differentiable(apply_fn, loss, params=params)."
+            ) from None
+        raise
     return chosen.twice_differentiable(model, loss, params=params)

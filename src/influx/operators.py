@@ -258,7 +258,7 @@ class SumOperator(_CompositeOperator):
             )
         self._base, self.second, self.size = first, second, first.size
         common = first.tags & second.tags
-        tags = common & {SYMMETRIC, PSD}
+        tags = set(common & {SYMMETRIC, PSD})
         if PSD in common and (PD in first.tags or PD in second.tags):
             tags.add(PD)
         self.tags = frozenset(tags)
