@@ -37,11 +37,14 @@ def selected_backends(config: pytest.Config) -> list[str]:
     names = [n.strip() for n in raw.split(",") if n.strip() and n.strip() != "none"]
     unknown = [n for n in names if n not in ALL_BACKENDS]
     if unknown:
-        raise pytest.UsageError(f"unknown backend(s) {unknown}; choose from {ALL_BACKENDS}")
+        raise pytest.UsageError(
+            f"unknown backend(s) {unknown}; choose from {ALL_BACKENDS}"
+        )
     missing = [n for n in names if not _installed(n)]
     if missing:
         raise pytest.UsageError(
-            f"backend(s) {missing} selected but not installed: pip install 'influx[all]'"
+            f"backend(s) {missing} selected but not installed: "
+            "pip install 'influx[all]'"
         )
     return names
 
@@ -58,7 +61,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend_name", selected_backends(metafunc.config))
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
     both = all(_installed(n) for n in ALL_BACKENDS)
     skip = pytest.mark.skip(reason="needs torch and jax installed (nox -s cross)")
     for item in items:

@@ -6,6 +6,7 @@ and on JAX and the results compared.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,14 @@ def linear_weights(
     return rng.standard_normal((out_dim, in_dim)), rng.standard_normal(out_dim)
 
 
-def mlp_weights(sizes: tuple[int, ...], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def mlp_weights(
+    sizes: tuple[int, ...], seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``[(W [out, in], b [out]), ...]`` of a tanh MLP with layer ``sizes``."""
     rng = np.random.default_rng(seed)
     return [
         (rng.standard_normal((o, i)) / np.sqrt(i), 0.1 * rng.standard_normal(o))
-        for i, o in zip(sizes[:-1], sizes[1:])
+        for i, o in itertools.pairwise(sizes)
     ]
 
 
@@ -103,7 +106,9 @@ def wrap_mlp(
     A single layer is a linear model. ``loss`` is ``"mse"`` or
     ``"cross_entropy"``.
     """
-    loss_fn = mse_loss(backend_name) if loss == "mse" else cross_entropy_loss(backend_name)
+    loss_fn = (
+        mse_loss(backend_name) if loss == "mse" else cross_entropy_loss(backend_name)
+    )
     if backend_name == "torch":
         return influx.twice_differentiable(torch_mlp(layers, dtype), loss_fn)
     apply_fn, params = jax_mlp(layers, dtype)
