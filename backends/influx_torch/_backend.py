@@ -32,9 +32,13 @@ class TorchBackend:
 
     def asarray(self, obj: Any, like: Any | None = None) -> torch.Tensor:
         """``obj`` as a tensor; on ``like``'s device, floats in ``like``'s dtype."""
-        tensor = (
-            obj if isinstance(obj, torch.Tensor) else torch.as_tensor(np.asarray(obj))
-        )
+        if isinstance(obj, torch.Tensor):
+            tensor = obj
+        else:
+            array = np.asarray(obj)
+            if not array.flags.writeable:  # torch warns on read-only memory
+                array = array.copy()
+            tensor = torch.as_tensor(array)
         if like is None:
             return tensor
         dtype = like.dtype if tensor.is_floating_point() else tensor.dtype

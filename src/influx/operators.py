@@ -383,27 +383,35 @@ class HessianOperator(LinearOperator):
         """One batch per step, uniformly at random among the batches.
 
         Each estimate is scaled by ``num_batches * batch_size / N`` so that it
-        is unbiased also when batch sizes differ. When the training data is a
-        sequence (a list, :func:`influx.batches`), each step draws its batch
+        is unbiased also when batch sizes differ. Each step draws its batch
         from ``rng`` independently, with replacement: visiting the batches in
-        epochs (a permutation each) correlates the batch with the iterate and
-        biases the LiSSA fixed point. Other iterables (a ``DataLoader``) are
-        read in their own order, shuffled or not.
+        a fixed or per-epoch order correlates the batch with the iterate and
+        biases the LiSSA fixed point. A sequence (a list,
+        :func:`influx.batches`) is indexed directly; any other iterable (a
+        ``DataLoader``) is read once and its converted batches are kept in
+        memory for the draws.
         """
         reader = self.reader
-        num_samples = reader.num_samples
         data = reader.data
-        indexable = hasattr(data, "__getitem__") and hasattr(data, "__len__")
+        if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+            num_batches = len(data)
+
+            def draw(i: int) -> tuple[int, Any, Any] | None:
+                prepared = reader.prepare(i, data[i])
+                return None if prepared is None else (i, *prepared)
+
+        else:
+            cache = list(reader)
+            num_batches = len(cache)
+
+            def draw(i: int) -> tuple[int, Any, Any] | None:
+                return cache[i]
+
+        num_samples = reader.num_samples
         while True:
-            if indexable:
-                for i in rng.integers(len(data), size=len(data)):
-                    prepared = reader.prepare(int(i), data[int(i)])
-                    if prepared is not None:
-                        item = (int(i), *prepared)
-                        yield self._sample(item, len(data), num_samples)
-            else:
-                num_batches = reader.num_batches or 1
-                for item in reader:
+            for i in rng.integers(num_batches, size=num_batches):
+                item = draw(int(i))
+                if item is not None:
                     yield self._sample(item, num_batches, num_samples)
 
     def _sample(
