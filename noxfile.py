@@ -8,6 +8,7 @@ them. Interpreters that are not installed are skipped.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nox
 
@@ -22,6 +23,27 @@ TORCH_PYTHON = "3.11"
 JAX_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 MATRIX = [(TORCH_PYTHON, "torch")] + [(python, "jax") for python in JAX_PYTHONS]
+
+
+def _expose_pyenv_interpreters() -> None:
+    """Put pyenv's installed interpreters on PATH so nox finds every version.
+
+    pyenv's shims only run the versions that are activated; the interpreters
+    themselves live in ``$PYENV_ROOT/versions/*/bin``.
+    """
+    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    if not versions.is_dir():
+        return
+    wanted = {TORCH_PYTHON, *JAX_PYTHONS}
+    bins = [
+        str(path / "bin")
+        for path in sorted(versions.iterdir())
+        if ".".join(path.name.split(".")[:2]) in wanted and (path / "bin").is_dir()
+    ]
+    os.environ["PATH"] = os.pathsep.join([*bins, os.environ.get("PATH", "")])
+
+
+_expose_pyenv_interpreters()
 
 
 def _install(session: nox.Session, *extras: str) -> None:

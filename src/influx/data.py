@@ -244,15 +244,3 @@ class DataReader:
                 # model, say): go through the host.
                 array = owner.to_numpy(array)
         return backend.asarray(array, like=self._like)
-
-
-def evaluation_error(
-    reader_name: str, index: int, x: Any, error: Exception
-) -> InputError:
-    """A clear error for a batch the model or loss could not be evaluated on."""
-    shape = tuple(getattr(x, "shape", ()))
-    return InputError(
-        f"{reader_name} batch {index}: the model and loss could not be evaluated on "
-        f"inputs of shape {shape} ({type(error).__name__}: {error}). Check that the "
-        "inputs fit the model and that the targets fit the loss."
-    )

@@ -21,9 +21,10 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from influx._checks import ensure_finite, evaluate
 from influx._progress import progress_iter
 from influx.backends import check_model_backend
-from influx.data import DataReader, evaluation_error
+from influx.data import DataReader
 from influx.errors import InputError
 from influx.methods import (
     InfluenceType,
@@ -134,26 +135,9 @@ def compute_influences_up(
     Any
         Native array ``[N_factors, M]``.
     """
-    return _influences_up(model, input_data, influence_factors, progress, "input_data")
-
-
-def _influences_up(
-    model: TwiceDifferentiable,
-    data: Any,
-    influence_factors: Any,
-    progress: bool,
-    name: str,
-) -> Any:
-    """:func:`compute_influences_up`, naming the data ``name`` in errors."""
-    _check_model(model)
-    factors = _check_factors(model, influence_factors)
-    reader = DataReader(data, name, model.backend, model.parameters)
-    columns = [
-        factors @ grads.T
-        for grads in _gradients(model, reader, progress, "Up-weighting influences")
-    ]
-    xp = array_namespace(factors)
-    return xp.concat(columns, axis=1)
+    return _influences(
+        InfluenceType.Up, model, input_data, influence_factors, progress, "input_data"
+    )
 
 
 def compute_influences_pert(
@@ -181,37 +165,47 @@ def compute_influences_pert(
     Any
         Native array ``[N_factors, M, *S]``.
     """
-    return _influences_pert(
-        model, input_data, influence_factors, progress, "input_data"
+    return _influences(
+        InfluenceType.Perturbation,
+        model,
+        input_data,
+        influence_factors,
+        progress,
+        "input_data",
     )
 
 
-def _influences_pert(
+def _influences(
+    kind: InfluenceType,
     model: TwiceDifferentiable,
     data: Any,
     influence_factors: Any,
     progress: bool,
     name: str,
 ) -> Any:
-    """:func:`compute_influences_pert`, naming the data ``name`` in errors."""
+    """Influences of ``kind``, naming the data ``name`` in errors.
+
+    Blocks of ``[N_factors, B]`` (up) or ``[N_factors, B, *S]`` (perturbation)
+    are computed batch by batch and joined along the input axis.
+    """
     _check_model(model)
     factors = _check_factors(model, influence_factors)
     reader = DataReader(data, name, model.backend, model.parameters)
-    xp = array_namespace(factors)
-    blocks = []
-    batches = progress_iter(
-        reader, progress, "Perturbation influences", total=reader.num_batches
-    )
-    for index, x, y in batches:
-        try:
-            block = model.mixed_grads(x, y, factors)
-        except InputError:
-            raise
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise evaluation_error(reader.name, index, x, error) from error
-        _ensure_finite(block, f"{name} batch {index}: the perturbation influence")
-        blocks.append(block)
-    return xp.concat(blocks, axis=1)
+    if kind is InfluenceType.Up:
+        desc = "Up-weighting influences"
+        blocks = [
+            factors @ grads.T for grads in _gradients(model, reader, progress, desc)
+        ]
+    else:
+        blocks = []
+        batches = progress_iter(
+            reader, progress, "Perturbation influences", total=reader.num_batches
+        )
+        for index, x, y in batches:
+            block = evaluate(name, index, x, model.mixed_grads, x, y, factors)
+            ensure_finite(block, f"{name} batch {index}: the perturbation influence")
+            blocks.append(block)
+    return array_namespace(factors).concat(blocks, axis=1)
 
 
 def compute_influences(
@@ -274,10 +268,9 @@ def compute_influences(
         progress=progress,
         **kwargs,
     )
-    compute = _influences_up if kind is InfluenceType.Up else _influences_pert
     data = training_data if input_data is None else input_data
     name = "training_data" if data is training_data else "input_data"
-    return compute(differentiable_model, data, factors, progress, name)
+    return _influences(kind, differentiable_model, data, factors, progress, name)
 
 
 def _gradients(
@@ -285,27 +278,10 @@ def _gradients(
 ) -> Iterator[Any]:
     """Per-sample gradients ``[B, P]``, batch by batch, checked to be finite."""
     for index, x, y in progress_iter(reader, progress, desc, total=reader.num_batches):
-        try:
-            grads, losses = model.per_sample_grads(x, y)
-        except InputError:
-            raise
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise evaluation_error(reader.name, index, x, error) from error
-        _ensure_finite(losses, f"{reader.name} batch {index}: the loss")
-        _ensure_finite(grads, f"{reader.name} batch {index}: the loss gradient")
+        grads, losses = evaluate(reader.name, index, x, model.per_sample_grads, x, y)
+        ensure_finite(losses, f"{reader.name} batch {index}: the loss")
+        ensure_finite(grads, f"{reader.name} batch {index}: the loss gradient")
         yield grads
-
-
-def _ensure_finite(array: Any, what: str) -> None:
-    xp = array_namespace(array)
-    finite = xp.isfinite(array)
-    if not bool(xp.all(finite)):
-        bad = int(xp.sum(xp.astype(~finite, xp.int64)))
-        raise InputError(
-            f"{what} is not finite ({bad} NaN or inf values). Check the inputs and "
-            "targets of this batch, the loss (a log of 0, an overflow) and the "
-            "model's parameters."
-        )
 
 
 def _concat(arrays: list[Any]) -> Any:

@@ -22,7 +22,9 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
-from influx.data import DataReader, evaluation_error
+from influx._checks import ensure_finite, evaluate
+from influx._progress import progress_iter
+from influx.data import DataReader
 from influx.errors import InputError
 from influx.protocols import Backend, TwiceDifferentiable
 
@@ -327,18 +329,10 @@ class HessianOperator(LinearOperator):
 
     def _batch_hvp(self, index: int, x: Any, y: Any, vectors: Any) -> Any:
         xp = array_namespace(vectors)
-        try:
-            product = self.model.hvp(x, y, xp.astype(vectors, self.dtype))
-        except InputError:
-            raise
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise evaluation_error(self.reader.name, index, x, error) from error
-        if not bool(xp.all(xp.isfinite(product))):
-            raise InputError(
-                f"{self.reader.name} batch {index}: the Hessian-vector product is "
-                "not finite (NaN or inf). Check the loss on this batch (a log of 0, "
-                "an overflow) and the model's parameters."
-            )
+        name = self.reader.name
+        model_vectors = xp.astype(vectors, self.dtype)
+        product = evaluate(name, index, x, self.model.hvp, x, y, model_vectors)
+        ensure_finite(product, f"{name} batch {index}: the Hessian-vector product")
         return xp.astype(product, vectors.dtype)
 
     def mv(self, vectors: Any) -> Any:
@@ -352,28 +346,16 @@ class HessianOperator(LinearOperator):
         return total / count
 
     def to_dense(self, progress: bool | None = None) -> Any:
-        from influx._progress import progress_iter
-
         show = self.progress if progress is None else progress
-        xp = array_namespace(self.like)
+        name = self.reader.name
         total, count = None, 0
         batches = progress_iter(
             self.reader, show, "Hessian", total=self.reader.num_batches
         )
         for index, x, y in batches:
             n = int(x.shape[0])
-            try:
-                hessian = self.model.hessian(x, y)
-            except InputError:
-                raise
-            except (RuntimeError, TypeError, ValueError) as error:
-                raise evaluation_error(self.reader.name, index, x, error) from error
-            if not bool(xp.all(xp.isfinite(hessian))):
-                raise InputError(
-                    f"{self.reader.name} batch {index}: the Hessian is not finite "
-                    "(NaN or inf). Check the loss on this batch and the model's "
-                    "parameters."
-                )
+            hessian = evaluate(name, index, x, self.model.hessian, x, y)
+            ensure_finite(hessian, f"{name} batch {index}: the Hessian")
             total = n * hessian if total is None else total + n * hessian
             count += n
         self.num_passes += 1
