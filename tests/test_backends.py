@@ -46,7 +46,6 @@ class StubBackend:
     """A minimal Backend object that owns nothing (no framework needed)."""
 
     framework_module = "numpy"
-    install_hint = "pip install stub"
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -19,7 +19,6 @@ class JaxBackend:
 
     name = "jax"
     framework_module = "jax"
-    install_hint = 'pip install "influx[jax]"'
 
     def owns(self, obj: Any) -> bool:
         """JAX arrays, wrappers and pytrees whose leaves are all JAX arrays."""

@@ -18,7 +18,6 @@ class TorchBackend:
 
     name = "torch"
     framework_module = "torch"
-    install_hint = 'pip install "influx[torch]"'
 
     def owns(self, obj: Any) -> bool:
         """Torch modules, tensors and wrappers belong to torch."""

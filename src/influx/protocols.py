@@ -123,8 +123,6 @@ class Backend(Protocol):
     #: Top-level module of the framework, e.g. ``"torch"``. Detection only asks
     #: :meth:`owns` when this module is already imported.
     framework_module: str
-    #: The pip requirement that installs the framework, e.g. ``influx[torch]``.
-    install_hint: str
 
     def owns(self, obj: Any) -> bool:
         """Whether ``obj`` (a model, array or pytree) belongs to this framework."""

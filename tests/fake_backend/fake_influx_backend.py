@@ -136,7 +136,6 @@ class NumpyBackend:
 
     name = "numpy_linear"
     framework_module = "numpy"
-    install_hint = 'pip install "fake_influx_backend"'
 
     def owns(self, obj: Any) -> bool:
         """Only this package's models and wrappers, never plain numpy arrays."""
