@@ -6,7 +6,12 @@ entry-point group ``influx.backends`` and loaded on first use.
 
 from __future__ import annotations
 
-from influx.backends import available_backends, get_backend, use_backend
+from influx.backends import (
+    BackendNotInstalledError,
+    available_backends,
+    get_backend,
+    use_backend,
+)
 from influx.data import Batches, batches
 from influx.errors import (
     InfluxWarning,
@@ -39,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArnoldiSolver",
     "Backend",
+    "BackendNotInstalledError",
     "Batches",
     "CgSolver",
     "DirectSolver",
