@@ -23,6 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from models import mlp_weights, rel_err, to_numpy, wrap_mlp
+
 import influx
 
 OPTIONS = {
@@ -43,13 +45,6 @@ def _options(label: str, num_params: int) -> dict:
     if "rank_estimate" in options:
         options["rank_estimate"] = num_params
     return options
-
-
-def _error(actual, expected) -> float:
-    from models import to_numpy
-
-    actual = to_numpy(actual)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
 def closed_form_rows(
@@ -77,13 +72,11 @@ def closed_form_rows(
         )
         up = influx.compute_influences_up(model, train_data(), factors)
         pert = influx.compute_influences_pert(model, train_data(), factors)
-        rows.append((backend, label, _error(up, ref.up), _error(pert, ref.pert)))
+        rows.append((backend, label, rel_err(up, ref.up), rel_err(pert, ref.pert)))
     return rows
 
 
 def mlp_rows(backend: str) -> list[tuple[str, str, float, float]]:
-    from models import mlp_weights, wrap_mlp
-
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((41, 3)), rng.integers(0, 3, 41)
     data = influx.batches(x, y, batch_size=9)
@@ -104,11 +97,9 @@ def mlp_rows(backend: str) -> list[tuple[str, str, float, float]]:
             influx.compute_influences_up(model, data, factors),
             influx.compute_influences_pert(model, data, factors),
         )
-    from models import to_numpy
-
     up_ref, pert_ref = (to_numpy(a) for a in results["direct"])
     return [
-        (backend, label, _error(up, up_ref), _error(pert, pert_ref))
+        (backend, label, rel_err(up, up_ref), rel_err(pert, pert_ref))
         for label, (up, pert) in results.items()
         if label != "direct"
     ]

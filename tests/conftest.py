@@ -69,3 +69,9 @@ def pytest_collection_modifyitems(
     for item in items:
         if "cross" in item.keywords and not both:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start with no INFLUX_BACKEND from the caller's environment."""
+    monkeypatch.delenv("INFLUX_BACKEND", raising=False)

@@ -143,3 +143,16 @@ def raw_model(
     if backend_name == "torch":
         return torch_mlp(layers, dtype), None
     return jax_mlp(layers, dtype)
+
+
+def rel_err(actual: Any, expected: Any) -> float:
+    """``max |actual - expected| / max |expected|``, shapes checked."""
+    actual, expected = to_numpy(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def frobenius_err(actual: Any, expected: Any) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius)."""
+    actual, expected = to_numpy(actual), np.asarray(expected)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))

@@ -36,12 +36,6 @@ FAKE_BACKEND_SOURCE = Path(__file__).parent / "fake_backend" / "fake_influx_back
 PLUGIN = "numpy_linear"
 
 
-@pytest.fixture(autouse=True)
-def _no_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start every test without an ``INFLUX_BACKEND`` from the caller's shell."""
-    monkeypatch.delenv(influx.backends.ENV_VAR, raising=False)
-
-
 class StubBackend:
     """A minimal Backend object that owns nothing (no framework needed)."""
 

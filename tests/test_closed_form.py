@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from models import to_numpy, wrap_mlp
+from models import frobenius_err, rel_err, to_numpy, wrap_mlp
 
 import influx
 
@@ -120,17 +120,6 @@ def flat_factors(matrix_factors: np.ndarray, backend_name: str) -> np.ndarray:
     b_part = matrix_factors[:, :, d]
     parts = [w_part, b_part] if backend_name == "torch" else [b_part, w_part]
     return np.concatenate(parts, axis=1)
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = to_numpy(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
-
-
-def frobenius_err(actual, expected) -> float:
-    actual, expected = to_numpy(actual), np.asarray(expected)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 @functools.cache  # a JAX wrapper compiles once per instance: share them

@@ -26,11 +26,6 @@ LAYERS = [linear_weights(IN_DIM, OUT_DIM)]
 P = IN_DIM * OUT_DIM + OUT_DIM
 
 
-@pytest.fixture(autouse=True)
-def _no_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("INFLUX_BACKEND", raising=False)
-
-
 @pytest.fixture
 def arrays() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)

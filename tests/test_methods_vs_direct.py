@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from models import mlp_weights, to_numpy, wrap_mlp
+from models import frobenius_err, mlp_weights, rel_err, to_numpy, wrap_mlp
 
 import influx
 
@@ -77,17 +77,6 @@ def setup(backend_name: str, loss: str) -> Setup:
 
 def regularised(s: Setup) -> np.ndarray:
     return s.hessian + s.lam * np.eye(P)
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = to_numpy(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
-
-
-def frobenius_err(actual, expected) -> float:
-    actual, expected = to_numpy(actual), np.asarray(expected)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def true_residuals(s: Setup, factors) -> np.ndarray:

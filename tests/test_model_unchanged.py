@@ -24,11 +24,6 @@ N_TRAIN = 11  # batches of 4: 4, 4, 3
 REG = 5.0
 
 
-@pytest.fixture(autouse=True)
-def _no_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("INFLUX_BACKEND", raising=False)
-
-
 @pytest.fixture
 def arrays() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
