@@ -20,6 +20,7 @@ from influx.solvers import (
     CgSolver,
     DirectSolver,
     LissaSolver,
+    NystromPreconditioner,
     SolveInfo,
     make_solver,
 )
@@ -122,7 +123,8 @@ def test_cg_per_column_stopping():
             np.zeros(6),  # zero: converged before any product, x = 0
         ]
     )
-    x, info = run(CgSolver(rtol=1e-12, atol=0.0), matrix, rhs)
+    plain = CgSolver(rtol=1e-12, atol=0.0, preconditioner=None)
+    x, info = run(plain, matrix, rhs)
     np.testing.assert_array_equal(info.iterations, [1, 2, 6, 0])
     assert info.all_converged
     assert rel_err(x, numpy_solve(matrix, rhs)) < 1e-12
@@ -173,7 +175,8 @@ def test_cg_initial_guess_bad_shape(spd):
 def test_cg_maxiter_too_small_warns(spd):
     matrix, rhs = spd
     with pytest.warns(influx.NotConvergedWarning, match="raise maxiter"):
-        x, info = run(CgSolver(rtol=1e-12, atol=0.0, maxiter=2), matrix, rhs)
+        plain = CgSolver(rtol=1e-12, atol=0.0, maxiter=2, preconditioner=None)
+        x, info = run(plain, matrix, rhs)
     assert not info.all_converged
     np.testing.assert_array_equal(info.iterations, [2, 2, 2, 2])
     assert "raise maxiter" in info.message
@@ -193,7 +196,7 @@ def test_cg_breakdown_on_indefinite_matrix():
         ]
     )
     with pytest.warns(influx.NotConvergedWarning, match="hessian_regularization"):
-        x, info = run(CgSolver(rtol=1e-12, atol=0.0), matrix, rhs)
+        x, info = run(CgSolver(rtol=1e-12, atol=0.0, preconditioner=None), matrix, rhs)
     np.testing.assert_array_equal(info.converged, [False, True])
     assert "not positive definite" in info.message
     np.testing.assert_array_equal(x[0], np.zeros(3))  # stopped before any step
@@ -205,21 +208,95 @@ def test_cg_breakdown_on_indefinite_matrix():
     size=st.integers(min_value=1, max_value=9),
     k=st.integers(min_value=1, max_value=5),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
+    preconditioner=st.sampled_from(["nystrom", None]),
 )
-def test_cg_and_direct_match_numpy_on_random_spd(size, k, seed):
+def test_cg_and_direct_match_numpy_on_random_spd(size, k, seed, preconditioner):
     rng = np.random.default_rng(seed)
     eigenvalues = rng.uniform(0.1, 10.0, size)  # condition number <= 100
     matrix = spd_matrix(eigenvalues, seed=seed)
     rhs = rng.standard_normal((k, size))
     expected = numpy_solve(matrix, rhs)
     x_direct, info_direct = run(DirectSolver(), matrix, rhs)
-    x_cg, info_cg = run(CgSolver(rtol=1e-13, atol=0.0), matrix, rhs)
+    cg = CgSolver(rtol=1e-13, atol=0.0, preconditioner=preconditioner)
+    x_cg, info_cg = run(cg, matrix, rhs)
     assert x_direct.shape == x_cg.shape == (k, size)
     assert rel_err(x_direct, expected) < 1e-10
     assert rel_err(x_cg, expected) < 1e-9
     assert info_direct.all_converged and info_cg.all_converged
     # CG needs at most about P products in exact arithmetic; allow some slack.
     assert int(info_cg.iterations.max()) <= 3 * size
+
+
+def _decaying_spectrum(size: int = 200, seed: int = 3) -> np.ndarray:
+    """An SPD matrix with 20 large eigenvalues (10..1e3) over a flat 1e-3 tail."""
+    eigenvalues = np.concatenate([np.logspace(1, 3, 20), np.full(size - 20, 1e-3)])
+    return spd_matrix(eigenvalues, seed=seed)
+
+
+def test_nystrom_pcg_needs_far_fewer_iterations():
+    matrix = _decaying_spectrum()
+    rhs = np.random.default_rng(4).standard_normal((3, 200))
+    op = DenseOperator(matrix, tags=SYM).shift(0.01)  # condition number ~1e5
+    expected = numpy_solve(matrix + 0.01 * np.eye(200), rhs)
+    results = {}
+    for label, preconditioner in [
+        ("plain", None),
+        ("nystrom", NystromPreconditioner(rank=30, seed=0)),
+    ]:
+        solver = CgSolver(rtol=1e-10, atol=0.0, preconditioner=preconditioner)
+        x, info = solver.solve(solver.init(op), rhs)
+        assert info.all_converged, label
+        assert rel_err(x, expected) < 1e-8, label
+        results[label] = int(info.iterations.max())
+    # The rank-30 sketch captures the 20 large eigenvalues: what is left has
+    # a condition number of about (1e-3 + 0.01) / (1e-3 + 0.01) = 1.
+    assert results["nystrom"] <= 8
+    assert results["plain"] >= 5 * results["nystrom"], results
+    assert info.extra["preconditioner"] == "nystrom"
+
+
+def test_nystrom_full_rank_is_the_exact_inverse(spd):
+    matrix, rhs = spd
+    solver = CgSolver(rtol=1e-12, atol=0.0, preconditioner="nystrom")
+    x, info = run(solver, matrix, rhs)
+    np.testing.assert_array_equal(info.iterations, [1, 1, 1, 1])
+    assert rel_err(x, numpy_solve(matrix, rhs)) < 1e-10
+
+
+def test_nystrom_on_indefinite_hessian_made_definite_by_the_shift():
+    # H has a negative eigenvalue; H + 0.5 I is positive definite. The sketch
+    # clips the negative estimate and the solve is still exact.
+    matrix = spd_matrix([-0.2, 0.1, 1.0, 5.0, 20.0, 50.0], seed=5)
+    rhs = np.random.default_rng(6).standard_normal((2, 6))
+    op = DenseOperator(matrix, tags=SYM).shift(0.5)
+    solver = CgSolver(rtol=1e-12, atol=0.0, preconditioner=NystromPreconditioner(3))
+    x, info = solver.solve(solver.init(op), rhs)
+    assert info.all_converged
+    assert rel_err(x, numpy_solve(matrix + 0.5 * np.eye(6), rhs)) < 1e-10
+
+
+def test_nystrom_is_reproducible_and_seeded():
+    matrix = _decaying_spectrum(size=60)
+    op = DenseOperator(matrix, tags=SYM).shift(0.01)
+    rhs = np.random.default_rng(1).standard_normal((2, 60))
+    iterations = []
+    for seed in (0, 0, 1):
+        solver = CgSolver(
+            rtol=1e-10, atol=0.0, preconditioner=NystromPreconditioner(10, seed=seed)
+        )
+        iterations.append(solver.solve(solver.init(op), rhs)[1].iterations)
+    np.testing.assert_array_equal(iterations[0], iterations[1])
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [("jacobi", "preconditioner must be"), (3, "preconditioner must be")],
+)
+def test_bad_preconditioner_is_named(spec, match):
+    with pytest.raises(influx.InputError, match=match):
+        CgSolver(preconditioner=spec)
+    with pytest.raises(influx.InputError, match="rank"):
+        NystromPreconditioner(rank=0)
 
 
 # -- Arnoldi ------------------------------------------------------------------
@@ -251,7 +328,9 @@ def test_arnoldi_low_rank_matches_eigh_reference():
     matrix = spd_matrix(eigenvalues, seed=9)
     rhs = np.random.default_rng(10).standard_normal((3, 20))
     expected, top = low_rank_reference(matrix, rhs, 4)
-    x, info = run(ArnoldiSolver(rank_estimate=4, tol=1e-14), matrix, rhs)
+    x, info = run(
+        ArnoldiSolver(rank_estimate=4, tol=1e-14, remainder="drop"), matrix, rhs
+    )
     assert rel_err(x, expected) < 1e-10
     np.testing.assert_allclose(info.extra["eigenvalues"], top, rtol=1e-12)
     assert info.extra["rank"] == 4
@@ -274,7 +353,9 @@ def test_arnoldi_low_rank_keeps_largest_magnitude_even_if_negative():
     with pytest.warns(
         influx.NotPositiveDefiniteWarning, match="hessian_regularization"
     ):
-        x, info = run(ArnoldiSolver(rank_estimate=2, tol=1e-14), matrix, rhs)
+        x, info = run(
+            ArnoldiSolver(rank_estimate=2, tol=1e-14, remainder="drop"), matrix, rhs
+        )
     assert rel_err(x, expected) < 1e-10
     np.testing.assert_allclose(info.extra["eigenvalues"], [-7.0, 5.0], rtol=1e-12)
 
@@ -284,7 +365,8 @@ def test_arnoldi_low_rank_keeps_largest_magnitude_even_if_negative():
 
 def test_lissa_dense_auto_scale_converges(spd):
     matrix, rhs = spd
-    x, info = run(LissaSolver(maxiter=5000, rtol=1e-13, seed=0), matrix, rhs)
+    plain = LissaSolver(maxiter=5000, rtol=1e-13, seed=0, preconditioner=None)
+    x, info = run(plain, matrix, rhs)
     # A dense operator is exact (not sampled): the recursion is deterministic
     # and converges to rtol; the error is about rtol * condition number.
     assert info.all_converged
@@ -347,8 +429,16 @@ def test_lissa_rejects_non_positive_definite():
 
 # -- make_solver --------------------------------------------------------------
 
+# The seed's options, plus influx's additions (CG's preconditioner; Arnoldi's
+# eigensolver, remainder and seed).
 SEED_OPTIONS = {
-    "cg": {"rtol": 1e-6, "atol": 1e-8, "maxiter": 17, "x0": np.zeros(3)},
+    "cg": {
+        "rtol": 1e-6,
+        "atol": 1e-8,
+        "maxiter": 17,
+        "x0": np.zeros(3),
+        "preconditioner": None,
+    },
     "lissa": {
         "maxiter": 33,
         "dampen": 0.01,
@@ -356,8 +446,18 @@ SEED_OPTIONS = {
         "h0": np.zeros(3),
         "rtol": 1e-5,
         "seed": 4,
+        "variance_reduction": False,
+        "preconditioner": None,
     },
-    "arnoldi": {"rank_estimate": 2, "krylov_dimension": 3, "tol": 1e-9, "max_iter": 50},
+    "arnoldi": {
+        "rank_estimate": 2,
+        "krylov_dimension": 3,
+        "tol": 1e-9,
+        "max_iter": 50,
+        "eigensolver": "arpack",
+        "remainder": "drop",
+        "seed": 3,
+    },
     "direct": {},
 }
 SOLVER_CLASSES = {

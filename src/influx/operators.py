@@ -35,6 +35,7 @@ __all__ = [
     "ScaledOperator",
     "ShiftedOperator",
     "SumOperator",
+    "split_shift",
 ]
 
 SYMMETRIC = "symmetric"
@@ -101,6 +102,15 @@ class LinearOperator(abc.ABC):
         """
         while True:
             yield self.mv
+
+    @property
+    def samples_per_pass(self) -> int:
+        """How many draws of :meth:`sample_matvecs` cost one :meth:`mv`.
+
+        ``1`` for an operator whose samples are exact; the number of batches
+        for the Hessian of a training set.
+        """
+        return 1
 
     def shift(self, amount: float) -> LinearOperator:
         """``A + amount * I``."""
@@ -180,9 +190,15 @@ class DenseOperator(LinearOperator):
 
 
 class _CompositeOperator(LinearOperator):
-    """Shares ``like`` and ``backend`` with the first operand."""
+    """Shares ``like``, ``backend`` and sampling cost with the first operand."""
 
     _base: LinearOperator
+
+    @property
+    def samples_per_pass(self) -> int:
+        second = getattr(self, "second", None)
+        own = self._base.samples_per_pass
+        return own if second is None else max(own, second.samples_per_pass)
 
     @property
     def like(self) -> Any:
@@ -280,6 +296,18 @@ class SumOperator(_CompositeOperator):
             yield lambda v, a=a, b=b: a(v) + b(v)
 
 
+def split_shift(operator: LinearOperator) -> tuple[LinearOperator, float]:
+    """``(H, mu)`` for ``operator = H + mu I`` (nested shifts add up).
+
+    An operator that is not a shift comes back as ``(operator, 0.0)``.
+    """
+    shift = 0.0
+    while isinstance(operator, ShiftedOperator):
+        shift += operator.amount
+        operator = operator.base
+    return operator, shift
+
+
 class HessianOperator(LinearOperator):
     """Hessian of the training loss ``L(theta) = (1/N) sum_i l(z_i, theta)``.
 
@@ -360,6 +388,11 @@ class HessianOperator(LinearOperator):
             count += n
         self.num_passes += 1
         return total / count
+
+    @property
+    def samples_per_pass(self) -> int:
+        known = self.reader.num_batches
+        return known if known is not None else sum(1 for _ in self.reader)
 
     def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
         """One batch per step, uniformly at random among the batches.

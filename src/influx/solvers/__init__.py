@@ -15,12 +15,15 @@ from influx.solvers.arnoldi import ArnoldiSolver
 from influx.solvers.cg import CgSolver
 from influx.solvers.direct import DirectSolver
 from influx.solvers.lissa import LissaSolver
+from influx.solvers.preconditioners import NystromPreconditioner, Preconditioner
 
 __all__ = [
     "ArnoldiSolver",
     "CgSolver",
     "DirectSolver",
     "LissaSolver",
+    "NystromPreconditioner",
+    "Preconditioner",
     "SolveInfo",
     "Solver",
     "make_solver",

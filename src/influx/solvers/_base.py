@@ -15,7 +15,15 @@ from array_api_compat import device as array_device
 from influx.errors import InputError, NotConvergedWarning
 from influx.operators import LinearOperator
 
-__all__ = ["SolveInfo", "Solver", "accumulation_dtype", "initial_guess", "row_norms"]
+__all__ = [
+    "SolveInfo",
+    "Solver",
+    "accumulation_dtype",
+    "from_host",
+    "initial_guess",
+    "numpy_dtype",
+    "row_norms",
+]
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,15 @@ def to_host(array: Any, operator: LinearOperator) -> np.ndarray:
     return np.asarray(operator.to_numpy(array), dtype=np.float64)
 
 
+def from_host(array: np.ndarray, like: Any, operator: LinearOperator) -> Any:
+    """A host array as a native array with ``like``'s dtype and device."""
+    backend = operator.backend
+    if backend is not None:
+        return backend.asarray(np.ascontiguousarray(array), like=like)
+    xp = array_namespace(like)
+    return xp.asarray(array, dtype=like.dtype, device=array_device(like))
+
+
 def initial_guess(value: Any, rhs: Any, operator: LinearOperator, name: str) -> Any:
     """A user's starting point, ``[P]`` or ``[K, P]``, as ``[K, P]`` like ``rhs``."""
     xp = array_namespace(rhs)
@@ -158,3 +175,8 @@ def initial_guess(value: Any, rhs: Any, operator: LinearOperator, name: str) -> 
             f"[K, P]={tuple(rhs.shape)}, got {tuple(value.shape)}."
         )
     return value
+
+
+def numpy_dtype(array: Any) -> np.dtype:
+    """The numpy dtype matching a native array's dtype (``torch.float32`` ...)."""
+    return np.dtype(str(array.dtype).rsplit(".", 1)[-1])

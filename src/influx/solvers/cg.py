@@ -21,19 +21,25 @@ from influx.solvers._base import (
     to_host,
     warn_if_not_converged,
 )
+from influx.solvers.preconditioners import (
+    FittedPreconditioner,
+    Preconditioner,
+    make_preconditioner,
+)
 
 __all__ = ["CgSolver"]
 
 
 @dataclass(frozen=True)
 class CgState:
-    """CG needs no setup beyond the operator."""
+    """The operator and the fitted preconditioner (``None`` for plain CG)."""
 
     operator: LinearOperator
+    preconditioner: FittedPreconditioner | None
 
 
 class CgSolver(Solver):
-    """Conjugate gradients, batched over right-hand sides.
+    """Preconditioned conjugate gradients, batched over right-hand sides.
 
     Every iteration applies the operator once to the stack of search
     directions of the right-hand sides still running, so a pass over the
@@ -42,6 +48,12 @@ class CgSolver(Solver):
     stack. The recursion runs in float64 when the model is float32 (where the
     framework and device support float64), which keeps the residuals honest
     at tight tolerances.
+
+    By default ``init`` builds a randomised Nyström preconditioner of rank 100
+    (:class:`~influx.solvers.preconditioners.NystromPreconditioner`) from one
+    batched pass over the training data. It removes the few large eigenvalues
+    that make a Hessian ill conditioned, which cuts the iterations several
+    fold; ``preconditioner=None`` runs plain CG.
 
     Parameters
     ----------
@@ -53,6 +65,10 @@ class CgSolver(Solver):
         Iteration limit; ``None`` means ``10 * P``.
     x0
         Initial guess, ``[P]`` (shared) or ``[K, P]``; ``None`` means zero.
+    preconditioner
+        ``"nystrom"`` (default), ``None``, or a
+        :class:`~influx.solvers.preconditioners.Preconditioner` such as
+        ``NystromPreconditioner(rank=50, seed=1)``.
     """
 
     name = "cg"
@@ -64,6 +80,7 @@ class CgSolver(Solver):
         atol: float = 1e-7,
         maxiter: int | None = None,
         x0: Any = None,
+        preconditioner: Preconditioner | str | None = "nystrom",
     ) -> None:
         if not rtol >= 0 or not atol >= 0:
             raise InputError(
@@ -79,9 +96,14 @@ class CgSolver(Solver):
             maxiter,
             x0,
         )
+        self.preconditioner = make_preconditioner(preconditioner)
 
     def init(self, operator: LinearOperator, *, progress: bool = False) -> CgState:
-        return CgState(operator)
+        if self.preconditioner is None:
+            return CgState(operator, None)
+        dtype = accumulation_dtype(operator.like)
+        fitted = self.preconditioner.fit(operator, dtype, progress=progress)
+        return CgState(operator, fitted)
 
     def solve(
         self, state: CgState, rhs: Any, *, progress: bool = False
@@ -101,8 +123,12 @@ class CgSolver(Solver):
         else:
             x = initial_guess(self.x0, b, op, "x0")
             r = b - op.mv(x)
-        p = r
+        precondition = (
+            _identity if state.preconditioner is None else (state.preconditioner.apply)
+        )
+        p = precondition(r)
         rr = xp.sum(r * r, axis=1)
+        rz = xp.sum(r * p, axis=1)
 
         iterations = np.zeros(k, dtype=np.int64)
         residuals = np.sqrt(np.maximum(to_host(rr, op), 0.0))
@@ -139,18 +165,20 @@ class CgSolver(Solver):
                     done_rows.append(rows[stopped])
                     keep = np.nonzero(running)[0]
                     rows, running = rows[keep], running[keep]
-                    x, r, p, rr, ap, pap = (
-                        _take(a, keep) for a in (x, r, p, rr, ap, pap)
+                    x, r, p, rr, rz, ap, pap = (
+                        _take(a, keep) for a in (x, r, p, rr, rz, ap, pap)
                     )
                 # stopped rows get zero steps and keep their x and r
                 mask = xp.asarray(running, device=array_device(rr))
-                alpha = xp.where(mask, rr / xp.where(mask, pap, 1.0), 0.0)
+                alpha = xp.where(mask, rz / xp.where(mask, pap, 1.0), 0.0)
                 x = x + alpha[:, None] * p
                 r = r - alpha[:, None] * ap
-                rr_new = xp.sum(r * r, axis=1)
-                beta = xp.where(mask, rr_new / xp.where(mask, rr, 1.0), 0.0)
-                p = r + beta[:, None] * p
-                rr = rr_new
+                z = precondition(r)
+                rz_new = xp.sum(r * z, axis=1)
+                beta = xp.where(mask, rz_new / xp.where(mask, rz, 1.0), 0.0)
+                p = xp.where(mask[:, None], z + beta[:, None] * p, p)
+                rz = rz_new
+                rr = xp.sum(r * r, axis=1)
                 iterations[rows[running]] += 1
                 bar.update(1)
                 bar.set_postfix_str(f"running {int(running.sum())}/{k}")
@@ -166,10 +194,17 @@ class CgSolver(Solver):
             rhs_norms=b_norms,
             converged=converged,
             message=_message(converged, breakdown, residuals, b_norms, maxiter, self),
-            extra={"residual": "recursive"},
+            extra={
+                "residual": "recursive",
+                "preconditioner": getattr(self.preconditioner, "name", None),
+            },
         )
         warn_if_not_converged(info)
         return xp.astype(solution, rhs.dtype), info
+
+
+def _identity(residuals: Any) -> Any:
+    return residuals
 
 
 def _take(array: Any, indices: np.ndarray) -> Any:

@@ -11,42 +11,53 @@ from array_api_compat import array_namespace
 
 from influx.errors import NotPositiveDefiniteWarning
 from influx.operators import LinearOperator
-from influx.solvers._base import SolveInfo, Solver, row_norms, to_host
+from influx.solvers._base import SolveInfo, Solver, numpy_dtype, row_norms, to_host
+from influx.solvers._linalg import cholesky_solve_rows
 
 __all__ = ["DirectSolver"]
 
 
 @dataclass(frozen=True)
 class DirectState:
-    """The materialised operator and its inverse.
+    """The materialised operator and a factorisation of it.
 
     Attributes
     ----------
     matrix
         ``A`` symmetrised, ``[P, P]``.
-    inverse
-        ``A^{-1}`` (or the pseudo-inverse when ``A`` is singular), ``[P, P]``.
-    positive_definite
-        Whether the Cholesky factorisation succeeded.
+    factor
+        Lower Cholesky factor ``L`` of ``A`` (``[P, P]``), or ``None`` when
+        ``A`` is not positive definite.
+    eigenvectors, inverse_eigenvalues
+        The fallback when ``factor`` is ``None``: ``[P, P]`` and ``[P]``,
+        with ``A^+ = V diag(inverse_eigenvalues) V^T`` the pseudo-inverse.
     min_eigenvalue
         Smallest eigenvalue when the fallback ran, else ``None``.
     """
 
     matrix: Any
-    inverse: Any
-    positive_definite: bool
+    factor: Any
+    eigenvectors: Any
+    inverse_eigenvalues: Any
     min_eigenvalue: float | None
     operator: LinearOperator
 
+    @property
+    def positive_definite(self) -> bool:
+        """Whether the Cholesky factorisation succeeded."""
+        return self.factor is not None
+
 
 class DirectSolver(Solver):
-    """Materialise ``A`` (``[P, P]``) and invert it once.
+    """Materialise ``A`` (``[P, P]``) and factor it once.
 
     ``init`` symmetrises the matrix and factors it by Cholesky; when that fails
     (``A`` not positive definite) it warns and falls back to an
     eigendecomposition, inverting the eigenvalues that are not numerically zero
-    (a pseudo-inverse). ``solve`` is then two matrix products per call. Memory
-    is ``O(P^2)``: use it for models up to a few ten thousand parameters.
+    (a pseudo-inverse). ``solve`` is then two triangular solves per call
+    (``O(K P^2)`` for ``K`` right-hand sides); the inverse is never formed.
+    Memory is ``O(P^2)``: use it for models up to a few ten thousand
+    parameters.
     """
 
     name = "direct"
@@ -64,18 +75,15 @@ class DirectSolver(Solver):
         except (RuntimeError, ValueError, np.linalg.LinAlgError):
             factor, ok = None, False
         if ok:
-            factor_inverse = xp.linalg.inv(factor)
-            inverse = factor_inverse.T @ factor_inverse
-            return DirectState(matrix, inverse, True, None, operator)
+            return DirectState(matrix, factor, None, None, None, operator)
 
         eigenvalues, eigenvectors = xp.linalg.eigh(matrix)
         smallest = float(eigenvalues[0])
         largest = float(xp.max(xp.abs(eigenvalues)))
-        cutoff = largest * operator.size * float(np.finfo(_numpy_dtype(matrix)).eps)
+        cutoff = largest * operator.size * float(np.finfo(numpy_dtype(matrix)).eps)
         keep = xp.abs(eigenvalues) > cutoff
         safe = xp.where(keep, eigenvalues, xp.ones_like(eigenvalues))
         inverted = xp.where(keep, 1.0 / safe, xp.zeros_like(eigenvalues))
-        inverse = (eigenvectors * inverted) @ eigenvectors.T
         warnings.warn(
             f"The regularised Hessian is not positive definite (smallest eigenvalue "
             f"{smallest:.3e}); the direct solve falls back to an eigendecomposition "
@@ -84,14 +92,18 @@ class DirectSolver(Solver):
             NotPositiveDefiniteWarning,
             stacklevel=3,
         )
-        return DirectState(matrix, inverse, False, smallest, operator)
+        return DirectState(matrix, None, eigenvectors, inverted, smallest, operator)
 
     def solve(
         self, state: DirectState, rhs: Any, *, progress: bool = False
     ) -> tuple[Any, SolveInfo]:
         xp = array_namespace(rhs)
         b = xp.astype(rhs, state.matrix.dtype)
-        x = b @ state.inverse
+        if state.factor is not None:
+            x = cholesky_solve_rows(state.factor, b)
+        else:
+            vectors = state.eigenvectors
+            x = ((b @ vectors) * state.inverse_eigenvalues) @ vectors.T
         residual = x @ state.matrix - b
         k = int(b.shape[0])
         info = SolveInfo(
@@ -106,8 +118,3 @@ class DirectSolver(Solver):
             },
         )
         return xp.astype(x, rhs.dtype), info
-
-
-def _numpy_dtype(array: Any) -> Any:
-    name = str(array.dtype).rsplit(".", 1)[-1]
-    return np.dtype(name)

@@ -1,0 +1,108 @@
+"""Timing and peak-memory measurement shared by every benchmark runner.
+
+Standard library and numpy only: the peers' environments import it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Measurement", "measure", "write_result"]
+
+#: Runs slower than this (seconds) are not repeated: their first run is the sample.
+SLOW_RUN_S = 30.0
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (Linux), or ``None`` elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Measurement(dict):
+    """Wall times (s) and peak resident memory (MiB) of a benchmarked call.
+
+    Keys: ``cold_s`` (first call, compilation included), ``times_s`` (the
+    warm repeats, or the cold run alone when it was slow), ``median_s``,
+    ``peak_mib`` (the largest rise of resident memory over the memory held
+    before the first call, across all calls) and ``rss_before_mib``.
+    """
+
+
+def measure(call: Callable[[], Any], repeats: int = 3) -> tuple[Measurement, Any]:
+    """Time ``call`` once cold, then ``repeats`` more times warm.
+
+    Parameters
+    ----------
+    call
+        The work to time; its result from the first run is returned.
+    repeats
+        Warm runs after the first. A first run slower than ``SLOW_RUN_S`` is
+        not repeated and serves as the only sample.
+
+    Returns
+    -------
+    measurement, result
+    """
+    before = _status_kib("VmRSS") or 0
+    tracked = _reset_peak_rss()
+    start = time.perf_counter()
+    result = call()
+    cold = time.perf_counter() - start
+    times = []
+    if cold < SLOW_RUN_S:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    peak = _status_kib("VmHWM") if tracked else None
+    samples = times or [cold]
+    out = Measurement(
+        cold_s=cold,
+        times_s=samples,
+        median_s=statistics.median(samples),
+        peak_mib=None if peak is None else max(peak - before, 0) / 1024,
+        rss_before_mib=before / 1024,
+    )
+    return out, result
+
+
+def write_result(
+    directory: str | os.PathLike,
+    meta: dict[str, Any],
+    measurement: Measurement | None,
+    result: np.ndarray | None,
+) -> None:
+    """Write ``result.json`` (meta + measurement) and ``influences.npy``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    record = dict(meta)
+    if measurement is not None:
+        record.update(measurement)
+    if result is not None:
+        np.save(directory / "influences.npy", np.asarray(result))
+    (directory / "result.json").write_text(json.dumps(record, indent=2, default=str))

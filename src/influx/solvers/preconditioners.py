@@ -1,0 +1,175 @@
+"""Preconditioners for the iterative solvers.
+
+A preconditioner is built once from the operator (``fit``) and then applied
+to stacks of residuals ``[K, P]`` (``apply``). It approximates the inverse of
+the operator ``A = H + mu I`` cheaply, so that CG needs far fewer products
+with ``A``: the number of CG iterations grows with the square root of the
+condition number, and a Hessian's condition number comes from its few large
+eigenvalues.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from influx.errors import InputError
+from influx.operators import LinearOperator, split_shift
+from influx.solvers._base import from_host, numpy_dtype, to_host
+
+__all__ = [
+    "FittedPreconditioner",
+    "NystromPreconditioner",
+    "Preconditioner",
+    "make_preconditioner",
+]
+
+
+class FittedPreconditioner(abc.ABC):
+    """A preconditioner ready to apply: ``apply(R) ~ A^{-1} R`` row-wise."""
+
+    @abc.abstractmethod
+    def apply(self, residuals: Any) -> Any:
+        """``[K, P] -> [K, P]``, in the dtype of ``residuals``."""
+
+
+class Preconditioner(abc.ABC):
+    """Builds a :class:`FittedPreconditioner` for an operator."""
+
+    #: Name used in ``SolveInfo`` and error messages.
+    name: str
+
+    @abc.abstractmethod
+    def fit(
+        self, operator: LinearOperator, dtype: Any, *, progress: bool = False
+    ) -> FittedPreconditioner:
+        """Do the setup (products with ``operator``) once; arrays in ``dtype``."""
+
+
+@dataclass(frozen=True)
+class _LowRankPlusIdentity(FittedPreconditioner):
+    """``(lambda_r + mu) U^T (Lambda + mu)^{-1} U + (I - U^T U)``.
+
+    ``U`` holds orthonormal rows ``[r, P]``; ``Lambda`` the matching
+    eigenvalue estimates ``[r]`` of the unshifted operator.
+    """
+
+    vectors: Any
+    eigenvalues: Any
+    shift: float
+    floor: float
+
+    def apply(self, residuals: Any) -> Any:
+        xp = array_namespace(residuals)
+        vectors = xp.astype(self.vectors, residuals.dtype)
+        eigenvalues = xp.astype(self.eigenvalues, residuals.dtype)
+        coefficients = residuals @ vectors.T
+        scaled = coefficients * (self.floor / (eigenvalues + self.shift))
+        return residuals + (scaled - coefficients) @ vectors
+
+
+class NystromPreconditioner(Preconditioner):
+    """Randomised Nyström preconditioner (Frangella, Tropp and Udell, 2023).
+
+    ``fit`` applies the operator's unshifted part ``H`` once to ``rank``
+    random orthonormal vectors (one batched pass over the training data) and
+    forms the Nyström approximation ``H ~ U^T diag(Lambda) U`` of rank
+    ``rank``. For ``A = H + mu I`` the preconditioner is
+
+    ``P^{-1} = (Lambda_r + mu) U^T (Lambda + mu)^{-1} U + (I - U^T U)``,
+
+    which maps the top ``rank`` eigenvalues of ``A`` close to
+    ``Lambda_r + mu`` and leaves the rest: CG then converges at the speed set
+    by ``(Lambda_r + mu) / (lambda_min + mu)`` instead of the full condition
+    number. Eigenvalue estimates below zero (an indefinite Hessian) are
+    clipped to zero.
+
+    Parameters
+    ----------
+    rank
+        Sketch size ``r``; capped at ``P``. Memory is ``r * P`` numbers.
+    seed
+        Seed of the random sketch.
+    """
+
+    name = "nystrom"
+
+    def __init__(self, rank: int = 100, seed: int | None = 0) -> None:
+        if not isinstance(rank, int) or rank < 1:
+            raise InputError(f"rank must be a positive int, got {rank!r}.")
+        self.rank, self.seed = rank, seed
+
+    def fit(
+        self, operator: LinearOperator, dtype: Any, *, progress: bool = False
+    ) -> FittedPreconditioner:
+        base, shift = split_shift(operator)
+        size = operator.size
+        rank = min(self.rank, size)
+        rng = np.random.default_rng(self.seed)
+        sketch, _ = np.linalg.qr(rng.standard_normal((size, rank)))  # [P, r]
+        xp = array_namespace(operator.like)
+        test = from_host(sketch.T, xp.astype(operator.like, dtype), operator)
+        image = base.mv(test)  # [r, P]: rows H @ omega_i
+        # A small shift nu keeps the core matrix well conditioned in floating
+        # point; it is removed from the eigenvalues again below.
+        eps = float(np.finfo(numpy_dtype(test)).eps)
+        norm = float(to_host(xp.sqrt(xp.sum(image * image)), operator))
+        nu = float(np.sqrt(size) * eps * norm)
+        nu = max(nu, np.finfo(np.float64).tiny)
+        image = image + nu * test
+        core = to_host(test @ image.T, operator).astype(np.float64)  # [r, r]
+        core = (core + core.T) / 2
+        values, vectors = np.linalg.eigh(core)
+        keep = values > values.max() * rank * np.finfo(np.float64).eps
+        if not np.any(keep):
+            raise InputError(
+                "The Nystrom sketch of the Hessian is zero or negative: the "
+                "Hessian has no positive curvature to precondition. Raise "
+                "hessian_regularization to make it positive definite, or use "
+                "preconditioner=None."
+            )
+        inverse_root = vectors[:, keep] / np.sqrt(values[keep])  # [r, r']
+        factor = from_host(inverse_root.T, test, operator)  # [r', r]
+        b = factor @ image  # [r', P]; H + nu I ~ b^T b
+        _, singular, rows = xp.linalg.svd(b, full_matrices=False)
+        eigenvalues = np.maximum(to_host(singular, operator) ** 2 - nu, 0.0)
+        usable = eigenvalues + shift > eigenvalues.max() * rank * eps
+        if not np.any(usable):
+            raise InputError(
+                "The Nystrom preconditioner needs a positive definite operator: "
+                "raise hessian_regularization, or use preconditioner=None."
+            )
+        if not np.all(usable):
+            rows = rows[: int(usable.sum())]  # singular values come sorted
+            eigenvalues = eigenvalues[usable]
+        floor = float(eigenvalues.min()) + shift
+        native = from_host(eigenvalues, test, operator)
+        return _LowRankPlusIdentity(rows, native, shift, floor)
+
+
+PRECONDITIONERS: dict[str, type[Preconditioner]] = {
+    NystromPreconditioner.name: NystromPreconditioner,
+}
+
+
+def make_preconditioner(
+    spec: Preconditioner | str | None, **options: Any
+) -> Preconditioner | None:
+    """``None``, a :class:`Preconditioner`, or one built from its name."""
+    if spec is None or isinstance(spec, Preconditioner):
+        if options:
+            raise InputError(
+                f"preconditioner options {sorted(options)} need preconditioner "
+                "given by name, e.g. preconditioner='nystrom'."
+            )
+        return spec
+    if isinstance(spec, str) and spec.lower() in PRECONDITIONERS:
+        return PRECONDITIONERS[spec.lower()](**options)
+    raise InputError(
+        f"preconditioner must be None, a Preconditioner or one of "
+        f"{sorted(PRECONDITIONERS)}, got {spec!r}."
+    )
