@@ -113,11 +113,13 @@ def compute_influences_up(
     influence_factors: Any,
     *,
     progress: bool = False,
+    out: Any = None,
 ) -> Any:
     """Up-weighting influences ``<s_test, grad l(z)>`` of every input point.
 
     The input gradients are computed batch by batch and never held all at
-    once: memory is ``O(N_factors * M + B * P)``.
+    once: memory is ``O(N_factors * M + B * P)``, or ``O(N_factors * B + B *
+    P)`` when the result goes to ``out``.
 
     Parameters
     ----------
@@ -129,14 +131,24 @@ def compute_influences_up(
         ``[N_factors, P]``, from :func:`compute_influence_factors`.
     progress
         Show a progress bar.
+    out
+        Optional host array ``[N_factors, M]`` that takes the result block by
+        block (``out[:, i:j] = block``): a numpy array, a ``numpy.memmap`` or
+        a zarr array, so that the result never has to fit in memory.
 
     Returns
     -------
     Any
-        Native array ``[N_factors, M]``.
+        Native array ``[N_factors, M]``, or ``out`` when given.
     """
     return _influences(
-        InfluenceType.Up, model, input_data, influence_factors, progress, "input_data"
+        InfluenceType.Up,
+        model,
+        input_data,
+        influence_factors,
+        progress,
+        "input_data",
+        out,
     )
 
 
@@ -146,6 +158,7 @@ def compute_influences_pert(
     influence_factors: Any,
     *,
     progress: bool = False,
+    out: Any = None,
 ) -> Any:
     """Perturbation influences ``grad_x <s_test, grad_theta l(z)>``.
 
@@ -159,11 +172,14 @@ def compute_influences_pert(
         ``[N_factors, P]``.
     progress
         Show a progress bar.
+    out
+        Optional host array ``[N_factors, M, *S]`` that takes the result
+        block by block (see :func:`compute_influences_up`).
 
     Returns
     -------
     Any
-        Native array ``[N_factors, M, *S]``.
+        Native array ``[N_factors, M, *S]``, or ``out`` when given.
     """
     return _influences(
         InfluenceType.Perturbation,
@@ -172,6 +188,7 @@ def compute_influences_pert(
         influence_factors,
         progress,
         "input_data",
+        out,
     )
 
 
@@ -182,30 +199,77 @@ def _influences(
     influence_factors: Any,
     progress: bool,
     name: str,
+    out: Any = None,
 ) -> Any:
     """Influences of ``kind``, naming the data ``name`` in errors.
 
     Blocks of ``[N_factors, B]`` (up) or ``[N_factors, B, *S]`` (perturbation)
-    are computed batch by batch and joined along the input axis.
+    are computed batch by batch and joined along the input axis, or written
+    into ``out`` as they come.
     """
     _check_model(model)
     factors = _check_factors(model, influence_factors)
     reader = DataReader(data, name, model.backend, model.parameters)
+    sink = _BlockSink(model, factors, out)
     if kind is InfluenceType.Up:
         desc = "Up-weighting influences"
-        blocks = [
-            factors @ grads.T for grads in _gradients(model, reader, progress, desc)
-        ]
+        for grads in _gradients(model, reader, progress, desc):
+            sink.add(factors @ grads.T)
     else:
-        blocks = []
         batches = progress_iter(
             reader, progress, "Perturbation influences", total=reader.num_batches
         )
         for index, x, y in batches:
             block = evaluate(name, index, x, model.mixed_grads, x, y, factors)
             ensure_finite(block, f"{name} batch {index}: the perturbation influence")
-            blocks.append(block)
-    return array_namespace(factors).concat(blocks, axis=1)
+            sink.add(block)
+    return sink.result()
+
+
+class _BlockSink:
+    """Collects result blocks along axis 1, in memory or into ``out``."""
+
+    def __init__(self, model: TwiceDifferentiable, factors: Any, out: Any) -> None:
+        self.model, self.out = model, out
+        self.blocks: list[Any] = []
+        self.filled = 0
+        self.rows = int(factors.shape[0])
+        if out is not None:
+            _check_out_type(out)
+            shape = out.shape
+            if len(shape) < 2 or int(shape[0]) != self.rows:
+                raise InputError(
+                    f"out must have shape [N_test, M, ...] with N_test={self.rows} "
+                    f"(the number of influence factors), got {tuple(shape)}."
+                )
+
+    def add(self, block: Any) -> None:
+        if self.out is None:
+            self.blocks.append(block)
+            return
+        width = int(block.shape[1])
+        stop = self.filled + width
+        if stop > int(self.out.shape[1]) or (
+            tuple(self.out.shape[2:]) != tuple(block.shape[2:])
+        ):
+            raise InputError(
+                f"out has shape {tuple(self.out.shape)}, too small for the "
+                f"result: columns {self.filled}:{stop} of a block of shape "
+                f"{tuple(block.shape)}. Allocate [N_test, M, *S] for all M "
+                "input points."
+            )
+        self.out[:, self.filled : stop] = self.model.backend.to_numpy(block)
+        self.filled = stop
+
+    def result(self) -> Any:
+        if self.out is None:
+            return array_namespace(self.blocks[0]).concat(self.blocks, axis=1)
+        if self.filled != int(self.out.shape[1]):
+            raise InputError(
+                f"out has {int(self.out.shape[1])} columns but the data had "
+                f"{self.filled} points: allocate out with M={self.filled}."
+            )
+        return self.out
 
 
 def compute_influences(
@@ -218,6 +282,7 @@ def compute_influences(
     influence_type: InfluenceType | str = InfluenceType.Up,
     hessian_regularization: float = 0.0,
     progress: bool = False,
+    out: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Influence of every input point on every test point.
@@ -240,6 +305,10 @@ def compute_influences(
         ``lambda >= 0`` added to the Hessian's diagonal.
     progress
         Show progress bars.
+    out
+        Optional host array (numpy, ``numpy.memmap``, zarr) of the result's
+        shape that takes it block by block, so that a result larger than
+        memory streams to disk; it is returned.
     **kwargs
         Options of the inversion method (see
         :func:`compute_influence_factors`).
@@ -248,7 +317,7 @@ def compute_influences(
     -------
     Any
         Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, *S]`` for
-        ``"perturbation"``.
+        ``"perturbation"``; ``out`` when given.
 
     Examples
     --------
@@ -259,6 +328,7 @@ def compute_influences(
     kind = parse_influence_type(influence_type)
     method = parse_inversion_method(inversion_method)
     _check_regularization(hessian_regularization, "hessian_regularization")
+    _check_out_type(out)
     factors = compute_influence_factors(
         differentiable_model,
         training_data,
@@ -270,7 +340,7 @@ def compute_influences(
     )
     data = training_data if input_data is None else input_data
     name = "training_data" if data is training_data else "input_data"
-    return _influences(kind, differentiable_model, data, factors, progress, name)
+    return _influences(kind, differentiable_model, data, factors, progress, name, out)
 
 
 def _gradients(
@@ -296,6 +366,16 @@ def _check_model(model: Any) -> None:
             "influx.twice_differentiable(model, loss) (or params=... for JAX)."
         )
     check_model_backend(model)
+
+
+def _check_out_type(out: Any) -> None:
+    if out is None:
+        return
+    if getattr(out, "shape", None) is None or not hasattr(out, "__setitem__"):
+        raise TypeError(
+            f"out must be a writable array such as a numpy array, a numpy.memmap "
+            f"or a zarr array, got {type(out).__name__}."
+        )
 
 
 def _check_regularization(value: Any, name: str) -> None:
