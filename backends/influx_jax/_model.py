@@ -156,13 +156,15 @@ class JaxTwiceDifferentiable:
     def _mixed_impl(
         self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array
     ) -> jax.Array:
-        sample_grad = jax.grad(self._sample_loss)
+        # B * (batch-mean loss) is the sum of per-sample losses and sample b's
+        # term depends on x_b only: one input gradient gives all B rows.
+        count = x.shape[0]
+        batch_grad = jax.grad(self._batch_loss)
 
-        def directional(xb: Any, yb: Any, v: jax.Array) -> jax.Array:
-            return jnp.dot(sample_grad(theta, xb, yb), v)
+        def directional(xb: Any, v: jax.Array) -> jax.Array:
+            return count * jnp.dot(batch_grad(theta, xb, y), v)
 
-        per_sample = jax.vmap(jax.grad(directional), in_axes=(0, 0, None))
-        return jax.vmap(per_sample, in_axes=(None, None, 0))(x, y, vectors)
+        return jax.vmap(jax.grad(directional), in_axes=(None, 0))(x, vectors)
 
     # -- the TwiceDifferentiable protocol ------------------------------------
 

@@ -203,16 +203,22 @@ class TorchTwiceDifferentiable:
         return torch.cat(rows, dim=0)
 
     def mixed_grads(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:
-        """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
-        sample_grad = grad(self._sample_loss)
+        """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``.
 
-        def directional(xb: Any, yb: Any, v: torch.Tensor) -> torch.Tensor:
-            return torch.dot(sample_grad(self._theta, xb, yb), v)
+        The batch-mean loss times ``B`` is the sum of the per-sample losses, and
+        sample ``b``'s term depends on ``x_b`` only, so one input gradient of
+        ``<v, grad_theta (B * loss)>`` gives every sample's row at once: two
+        reverse passes over the batch per vector, mapped over the vectors,
+        instead of one per sample and vector.
+        """
+        count = x.shape[0]
+        batch_grad = grad(self._batch_loss)
 
-        input_grad = grad(directional)  # d/dx of <v, grad_theta l(x, y)>
-        per_sample = vmap(input_grad, in_dims=(0, 0, None))
+        def directional(xb: Any, v: torch.Tensor) -> torch.Tensor:
+            return count * torch.dot(batch_grad(self._theta, xb, y), v)
+
         with self._eval_mode():
-            return vmap(per_sample, in_dims=(None, None, 0))(x, y, vectors).detach()
+            return vmap(grad(directional), in_dims=(None, 0))(x, vectors).detach()
 
     # -- state ---------------------------------------------------------------
 
