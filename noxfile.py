@@ -1,13 +1,15 @@
 """Sessions: tests per backend and Python, the framework-free core, cross-backend
-agreement, lint, and the demo.
+agreement, lint, the demo, and the benchmark.
 
 ``nox`` runs the default sessions (lint, core, tests, cross); ``nox -l`` lists
-them. Interpreters that are not installed are skipped.
+them. Interpreters that are not installed are skipped. ``nox -s bench`` (not a
+default: it is long) runs ``benchmarks/bench.py`` against pyDVL.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -94,3 +96,50 @@ def demo(session: nox.Session, backend: str) -> None:
     """Run ``influx demo`` from a fresh install, as the README says."""
     _install(session, backend)
     session.run("influx", "demo", env={"INFLUX_BACKEND": backend})
+
+
+# The peers' environments (benchmarks/.envs/<name>), one per pyDVL version:
+# name -> pip requirements. A marker file records what was installed; a change
+# here rebuilds that environment on the next `nox -s bench`.
+PEER_REQUIREMENTS: dict[str, list[str]] = {
+    "pydvl-0.7.0": [
+        "pydvl==0.7.0",
+        TORCH_SPEC,
+        "numpy<2",
+        "pandas<2.3",
+        "scipy<1.14",
+    ],
+    "pydvl-0.10.0": ["pydvl[influence]==0.10.0", TORCH_SPEC],
+}
+PEER_ENVS = Path(__file__).resolve().parent / "benchmarks" / ".envs"
+PEER_MARKER = ".installed"
+
+
+def _peer_env(session: nox.Session, name: str, requirements: list[str]) -> None:
+    """Create ``benchmarks/.envs/<name>`` unless its marker matches."""
+    path = PEER_ENVS / name
+    marker = path / PEER_MARKER
+    wanted = "\n".join(requirements) + "\n"
+    if marker.exists() and marker.read_text() == wanted:
+        session.log(f"{name}: up to date ({path})")
+        return
+    if path.exists():
+        shutil.rmtree(path)
+    session.run("python", "-m", "venv", str(path))
+    python = str(path / "bin" / "python")
+    session.run(python, "-m", "pip", "install", *requirements, external=True)
+    marker.write_text(wanted)
+
+
+@nox.session(python=TORCH_PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmark against pyDVL; arguments go to ``benchmarks/bench.py``.
+
+    Not a default session. ``nox -s bench -- --workloads W1 --repeats 1`` runs
+    a part; see ``python benchmarks/bench.py --help``.
+    """
+    session.install(TORCH_SPEC)
+    session.install("-e", ".[all]", "scikit-learn", "zarr")
+    for name, requirements in PEER_REQUIREMENTS.items():
+        _peer_env(session, name, requirements)
+    session.run("python", "benchmarks/bench.py", *session.posargs)
