@@ -237,7 +237,11 @@ def test_lissa_within_a_few_percent_of_direct(backend_name, loss):
     assert "raise maxiter" in info.message
     np.testing.assert_array_equal(info.iterations, np.full(T, 1000))
     largest = np.linalg.eigvalsh(regularised(s))[-1]
-    assert info.extra["largest_eigenvalue"] == pytest.approx(largest, rel=1e-2)
+    # The scale covers the largest eigenvalue of the full operator and of the
+    # sampled batch operators, which can be larger (by about the number of
+    # batches at most).
+    assert largest * (1 - 1e-2) <= info.extra["largest_eigenvalue"]
+    assert info.extra["largest_eigenvalue"] <= largest * 2 * -(-N // BATCH)
     assert info.extra["scale"] == pytest.approx(1.5 * info.extra["largest_eigenvalue"])
     np.testing.assert_allclose(
         info.residual_norms, true_residuals(s, factors), rtol=1e-8

@@ -88,8 +88,10 @@ class ArnoldiSolver(Solver):
         for ``"krylov"`` and ``min(P, max(2 * rank_estimate + 1, 20))`` for
         ``"arpack"``.
     tol
-        Relative accuracy of the eigenpairs (Ritz residual over the largest
-        eigenvalue for ``"krylov"``; ARPACK's ``tol``).
+        Relative accuracy of the eigenpairs: for ``"krylov"`` the Ritz
+        residuals over the largest eigenvalue (``None`` means ``1e-3``; the
+        Ritz values are then accurate to about its square), for ``"arpack"``
+        ARPACK's ``tol`` (``None`` means ``1e-6``).
     max_iter
         ARPACK's restarts at most; ``None`` means ``10 * P``.
     eigensolver
@@ -107,7 +109,7 @@ class ArnoldiSolver(Solver):
         *,
         rank_estimate: int = 10,
         krylov_dimension: int | None = None,
-        tol: float = 1e-6,
+        tol: float | None = None,
         max_iter: int | None = None,
         eigensolver: str = "krylov",
         remainder: str = "floor",
@@ -124,8 +126,8 @@ class ArnoldiSolver(Solver):
                 f"krylov_dimension must be an int larger than rank_estimate="
                 f"{rank_estimate}, got {krylov_dimension!r}."
             )
-        if not tol >= 0:
-            raise InputError(f"tol must be >= 0, got {tol!r}.")
+        if tol is not None and not tol >= 0:
+            raise InputError(f"tol must be >= 0 or None, got {tol!r}.")
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
             raise InputError(
                 f"max_iter must be a positive int or None, got {max_iter!r}."
@@ -137,8 +139,10 @@ class ArnoldiSolver(Solver):
         if remainder not in ("floor", "drop"):
             raise InputError(f"remainder must be 'floor' or 'drop', got {remainder!r}.")
         self.rank_estimate, self.krylov_dimension = rank_estimate, krylov_dimension
-        self.tol, self.max_iter = float(tol), max_iter
         self.eigensolver, self.remainder, self.seed = eigensolver, remainder, seed
+        default_tol = KRYLOV_TOL if eigensolver == "krylov" else ARPACK_TOL
+        self.tol = default_tol if tol is None else float(tol)
+        self.max_iter = max_iter
 
     def init(self, operator: LinearOperator, *, progress: bool = False) -> ArnoldiState:
         size = operator.size
@@ -315,6 +319,8 @@ class ArnoldiSolver(Solver):
         return x, info
 
 
+#: Default ``tol`` of the block Krylov eigensolver and of ARPACK.
+KRYLOV_TOL, ARPACK_TOL = 1e-3, 1e-6
 #: Extra vectors per block beyond the rank kept: they speed up convergence.
 KRYLOV_OVERSAMPLING = 10
 

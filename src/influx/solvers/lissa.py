@@ -67,12 +67,18 @@ class LissaSolver(Solver):
       for CG), which takes the large eigenvalues out of the recursion's
       contraction rate.
 
-    ``scale=None`` sets ``scale = 1.5 * lambda_max(M A)``, estimated by power
-    iteration in :meth:`init`. ``variance_reduction=False`` and
-    ``preconditioner=None`` give the plain recursion; since a noisy
-    recursion fluctuates around its fixed point, it then averages the
-    iterates of the second half of the run (Polyak-Ruppert) when ``rtol`` is
-    not met.
+    ``scale=None`` sets ``scale = 1.5 * lambda_max``, with ``lambda_max`` the
+    largest of the eigenvalues of ``M A`` and of ``M A_t`` for up to
+    ``BATCH_DRAWS`` sampled batches, each estimated by power iteration in
+    :meth:`init`. A single batch's Hessian can have eigenvalues many times
+    those of the average (by up to the number of batches, along directions
+    that few points carry), and a step with such a batch amplifies instead
+    of contracting: the full operator's ``lambda_max`` alone is not enough.
+
+    ``variance_reduction=False`` and ``preconditioner=None`` give the plain
+    recursion; since a noisy recursion fluctuates around its fixed point, it
+    then averages the iterates of the second half of the run
+    (Polyak-Ruppert) when ``rtol`` is not met.
 
     Parameters
     ----------
@@ -134,6 +140,8 @@ class LissaSolver(Solver):
         if self.scale is not None:
             return LissaState(operator, float(self.scale), None, fitted)
         lam = _largest_eigenvalue(operator, fitted, self.seed, progress)
+        if operator.samples_per_pass > 1:
+            lam = max(lam, _largest_batch_eigenvalue(operator, fitted, self.seed))
         if not lam > 0:
             raise InputError(
                 f"LiSSA needs a positive definite Hessian, but its largest eigenvalue "
@@ -293,6 +301,55 @@ def _largest_eigenvalue(
     return largest_eigenvalue(
         _Preconditioned(operator, preconditioner), seed=seed, progress=progress
     )
+
+
+#: Batches whose largest eigenvalue :meth:`LissaSolver.init` estimates.
+BATCH_DRAWS = 8
+
+
+def _largest_batch_eigenvalue(
+    operator: LinearOperator,
+    preconditioner: FittedPreconditioner | None,
+    seed: int | None,
+) -> float:
+    """Largest ``lambda_max(M A_t)`` over a few sampled batch operators."""
+    rng = np.random.default_rng(None if seed is None else seed + 1)
+    samples = operator.sample_matvecs(rng)
+    draws = min(operator.samples_per_pass, BATCH_DRAWS)
+    largest = 0.0
+    for _ in range(draws):
+        batch = _SampledOperator(operator, next(samples), preconditioner)
+        estimate = largest_eigenvalue(batch, maxiter=30, rtol=1e-2, seed=seed)
+        largest = max(largest, estimate)
+    return largest
+
+
+class _SampledOperator(LinearOperator):
+    """One sampled batch operator ``A_t`` (times ``M``) as an operator."""
+
+    def __init__(
+        self,
+        operator: LinearOperator,
+        sample: SampleMatvec,
+        preconditioner: FittedPreconditioner | None,
+    ) -> None:
+        self._operator, self._sample = operator, sample
+        self._preconditioner = preconditioner
+        self.size = operator.size
+
+    @property
+    def like(self) -> Any:
+        return self._operator.like
+
+    @property
+    def backend(self) -> Any:
+        return self._operator.backend
+
+    def mv(self, vectors: Any) -> Any:
+        image = self._sample(vectors)
+        if self._preconditioner is None:
+            return image
+        return self._preconditioner.apply(image)
 
 
 class _Preconditioned(LinearOperator):
