@@ -178,74 +178,118 @@ def is_legacy_api() -> bool:
     return False
 
 
-def time_hvp(model: torch.nn.Module, loader: DataLoader, repeats: int = 3) -> float:
-    """Seconds for one Hessian-vector product over the whole training set.
-
-    Plain torch double backward, batch by batch: an estimate of one CG or
-    Lanczos iteration of pyDVL, used only to turn ``--max-seconds`` into an
-    iteration cap. Runs outside the timed call.
+def pydvl_hvp(
+    legacy: bool, inversion: str, model: torch.nn.Module, loader: DataLoader
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The Hessian-vector product that pyDVL iterates with, for timing it.
 
     Parameters
     ----------
+    legacy
+        Whether pyDVL has the 0.7 API.
+    inversion
+        ``"cg"`` or ``"arnoldi"``.
     model
-        The model whose loss Hessian is applied.
+        The model.
     loader
         The training data.
-    repeats
-        Timed passes; their median is returned.
+
+    Returns
+    -------
+    Callable
+        ``v -> H v`` over the whole training set, built from pyDVL's own
+        pieces: in 0.7, CG's ``mvp`` on the batch-weighted mean gradient
+        (kept as a graph) and Arnoldi's ``get_hvp_function``; in 0.10, the
+        ``HessianOperator`` that both methods use.
+    """
+    if not legacy:
+        from pydvl.influence.torch.operator import HessianOperator
+
+        return HessianOperator(model, loss_fn, loader).apply
+    if inversion == "arnoldi":
+        from pydvl.influence.torch.functional import get_hvp_function
+
+        return get_hvp_function(model, loss_fn, loader, use_hessian_avg=True)
+    from pydvl.influence.torch import TorchTwiceDifferentiable
+
+    wrapped = TorchTwiceDifferentiable(model, loss_fn)
+    total: torch.Tensor | float = 0.0
+    count = 0
+    for x, y in loader:
+        total = total + wrapped.grad(x, y, create_graph=True) * len(x)
+        count += len(x)
+    mean_grad = total / count
+    return lambda v: wrapped.mvp(mean_grad, v, wrapped.parameters)
+
+
+def time_hvp(hvp: Callable[[torch.Tensor], torch.Tensor], size: int) -> float:
+    """Median seconds of three calls of ``hvp`` (after one warm-up call).
+
+    Parameters
+    ----------
+    hvp
+        From :func:`pydvl_hvp`.
+    size
+        The number of parameters.
 
     Returns
     -------
     float
-        Median wall time of one pass, in seconds.
+        Seconds per Hessian-vector product.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    vector = [torch.randn_like(p) for p in params]
+    vector = torch.randn(size, generator=torch.Generator().manual_seed(SEED))
+    hvp(vector)
     samples = []
-    for _ in range(repeats):
+    for _ in range(3):
         start = time.perf_counter()
-        for x, y in loader:
-            grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
-            dot = sum((g * v).sum() for g, v in zip(grads, vector, strict=True))
-            torch.autograd.grad(dot, params)
+        hvp(vector)
         samples.append(time.perf_counter() - start)
     return float(np.median(samples))
 
 
 def iteration_caps(
-    max_seconds: float | None, model: torch.nn.Module, data: Data
+    max_seconds: float | None,
+    legacy: bool,
+    method: str,
+    model: torch.nn.Module,
+    data: Data,
 ) -> dict[str, Any]:
-    """CG ``maxiter`` and ARPACK ``max_iter`` that fit in ``max_seconds``.
+    """CG ``maxiter`` or ARPACK ``max_iter`` that fits in ``max_seconds``.
 
     Both pyDVL versions run CG on the test points one after the other, one
     HVP per iteration, so ``cg_maxiter = max_seconds / (n_test * t_hvp)``. An
     ARPACK restart costs up to ``ARNOLDI_KRYLOV`` HVPs, so
-    ``arnoldi_max_iter = max_seconds / (ARNOLDI_KRYLOV * t_hvp)``.
+    ``arnoldi_max_iter = max_seconds / (ARNOLDI_KRYLOV * t_hvp)``. ``t_hvp``
+    is timed on pyDVL's own HVP, outside the timed call.
 
     Parameters
     ----------
     max_seconds
         The time budget of the solve, or ``None`` for pyDVL's defaults.
+    legacy
+        Whether pyDVL has the 0.7 API.
+    method
+        One of :data:`METHODS`; only ``"cg"`` and ``"arnoldi"`` get a cap.
     model
-        The model (for timing one HVP).
+        The model.
     data
         The workload's data.
 
     Returns
     -------
     dict
-        ``hvp_s``, ``cg_maxiter`` and ``arnoldi_max_iter``; empty when
-        ``max_seconds`` is ``None``.
+        ``hvp_s`` and ``cg_maxiter`` or ``arnoldi_max_iter``; empty when
+        ``max_seconds`` is ``None`` or the method has no cap.
     """
-    if max_seconds is None:
+    if max_seconds is None or method not in ("cg", "arnoldi"):
         return {}
-    hvp_s = time_hvp(model, data.train_loader)
-    n_test = len(data.x_test)
-    return {
-        "hvp_s": hvp_s,
-        "cg_maxiter": max(1, int(max_seconds / (n_test * hvp_s))),
-        "arnoldi_max_iter": max(1, int(max_seconds / (ARNOLDI_KRYLOV * hvp_s))),
-    }
+    size = sum(p.numel() for p in model.parameters())
+    hvp_s = time_hvp(pydvl_hvp(legacy, method, model, data.train_loader), size)
+    if method == "cg":
+        per_iteration = len(data.x_test) * hvp_s
+        return {"hvp_s": hvp_s, "cg_maxiter": max(1, int(max_seconds / per_iteration))}
+    per_restart = ARNOLDI_KRYLOV * hvp_s
+    return {"hvp_s": hvp_s, "arnoldi_max_iter": max(1, int(max_seconds / per_restart))}
 
 
 def plan(method: str, legacy: bool, caps: dict[str, Any]) -> Plan:
@@ -276,7 +320,7 @@ def plan(method: str, legacy: bool, caps: dict[str, Any]) -> Plan:
             options["maxiter"] = caps["cg_maxiter"]
             notes.append(
                 f"CG maxiter={caps['cg_maxiter']} from --max-seconds "
-                f"(one HVP over the training set ~{caps['hvp_s']:.3g} s)"
+                f"(pyDVL's HVP over the training set ~{caps['hvp_s']:.3g} s)"
             )
         return Plan("cg", "up", options, notes)
     if method == "lissa":
@@ -287,7 +331,8 @@ def plan(method: str, legacy: bool, caps: dict[str, Any]) -> Plan:
         if "arnoldi_max_iter" in caps:
             options["max_iter"] = caps["arnoldi_max_iter"]
             notes.append(
-                f"ARPACK max_iter={caps['arnoldi_max_iter']} from --max-seconds"
+                f"ARPACK max_iter={caps['arnoldi_max_iter']} from --max-seconds "
+                f"(pyDVL's HVP over the training set ~{caps['hvp_s']:.3g} s)"
             )
         return Plan("arnoldi", "up", options, notes)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -331,7 +376,7 @@ def legacy_call(
     Parameters
     ----------
     model
-        The fitted model.
+        The trained model (eval mode).
     data
         Loaders of the training and test data.
     the_plan
@@ -374,7 +419,7 @@ def modern_call(
     Parameters
     ----------
     model
-        The fitted model.
+        The trained model (eval mode).
     data
         The training loader (for ``fit``) and the tensors.
     the_plan
@@ -515,11 +560,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(workload)
     data = build_data(workload)
     regularization = workload.spec.hessian_regularization
-    caps = (
-        iteration_caps(args.max_seconds, model, data)
-        if args.method in ("cg", "arnoldi")
-        else {}
-    )
+    caps = iteration_caps(args.max_seconds, legacy, args.method, model, data)
     the_plan = plan(args.method, legacy, caps)
     meta: dict[str, Any] = {
         "tool": "pydvl",

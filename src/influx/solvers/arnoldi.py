@@ -89,7 +89,7 @@ class ArnoldiSolver(Solver):
         ``"arpack"``.
     tol
         Relative accuracy of the eigenpairs: for ``"krylov"`` the Ritz
-        residuals over the largest eigenvalue (``None`` means ``1e-3``; the
+        residuals over the largest eigenvalue (``None`` means ``1e-2``; the
         Ritz values are then accurate to about its square), for ``"arpack"``
         ARPACK's ``tol`` (``None`` means ``1e-6``).
     max_iter
@@ -320,7 +320,7 @@ class ArnoldiSolver(Solver):
 
 
 #: Default ``tol`` of the block Krylov eigensolver and of ARPACK.
-KRYLOV_TOL, ARPACK_TOL = 1e-3, 1e-6
+KRYLOV_TOL, ARPACK_TOL = 1e-2, 1e-6
 #: Extra vectors per block beyond the rank kept: they speed up convergence.
 KRYLOV_OVERSAMPLING = 10
 
