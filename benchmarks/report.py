@@ -395,6 +395,7 @@ def header_section(results: Results) -> str:
         "Pearson correlation of the flattened influences, both in float64, "
         "against influx-torch's float64 reference: Direct on W1, CG at "
         "`rtol=1e-10` on W2. Time ratios above 1 mean influx-torch is faster.",
+        "What bounds each result, with profiles: [performance.md](performance.md).",
     ]
     notes = run.get("notes") or []
     if notes:
