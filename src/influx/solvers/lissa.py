@@ -296,11 +296,8 @@ def _largest_eigenvalue(
     progress: bool,
 ) -> float:
     """``lambda_max(A)``, or ``lambda_max(M A)`` with a preconditioner."""
-    if preconditioner is None:
-        return largest_eigenvalue(operator, seed=seed, progress=progress)
-    return largest_eigenvalue(
-        _Preconditioned(operator, preconditioner), seed=seed, progress=progress
-    )
+    target = _Preconditioned(operator, operator.mv, preconditioner)
+    return largest_eigenvalue(target, seed=seed, progress=progress)
 
 
 #: Batches whose largest eigenvalue :meth:`LissaSolver.init` estimates.
@@ -318,22 +315,26 @@ def _largest_batch_eigenvalue(
     draws = min(operator.samples_per_pass, BATCH_DRAWS)
     largest = 0.0
     for _ in range(draws):
-        batch = _SampledOperator(operator, next(samples), preconditioner)
+        batch = _Preconditioned(operator, next(samples), preconditioner)
         estimate = largest_eigenvalue(batch, maxiter=30, rtol=1e-2, seed=seed)
         largest = max(largest, estimate)
     return largest
 
 
-class _SampledOperator(LinearOperator):
-    """One sampled batch operator ``A_t`` (times ``M``) as an operator."""
+class _Preconditioned(LinearOperator):
+    """``M A`` for a product ``A`` (the operator's, or one batch's).
+
+    Not symmetric, but similar to ``M^(1/2) A M^(1/2)``: its eigenvalues are
+    real and power iteration finds the largest.
+    """
 
     def __init__(
         self,
         operator: LinearOperator,
-        sample: SampleMatvec,
+        product: SampleMatvec,
         preconditioner: FittedPreconditioner | None,
     ) -> None:
-        self._operator, self._sample = operator, sample
+        self._operator, self._product = operator, product
         self._preconditioner = preconditioner
         self.size = operator.size
 
@@ -346,26 +347,7 @@ class _SampledOperator(LinearOperator):
         return self._operator.backend
 
     def mv(self, vectors: Any) -> Any:
-        image = self._sample(vectors)
+        image = self._product(vectors)
         if self._preconditioner is None:
             return image
         return self._preconditioner.apply(image)
-
-
-class _Preconditioned(LinearOperator):
-    """``M A``: not symmetric, but similar to ``M^(1/2) A M^(1/2)``."""
-
-    def __init__(self, operator: LinearOperator, preconditioner: FittedPreconditioner):
-        self._operator, self._preconditioner = operator, preconditioner
-        self.size = operator.size
-
-    @property
-    def like(self) -> Any:
-        return self._operator.like
-
-    @property
-    def backend(self) -> Any:
-        return self._operator.backend
-
-    def mv(self, vectors: Any) -> Any:
-        return self._preconditioner.apply(self._operator.mv(vectors))
