@@ -76,9 +76,10 @@ def compute_influence_factors(
     return_info
         Also return the solver's :class:`~influx.solvers.SolveInfo`.
     **kwargs
-        Options of the inversion method: CG ``rtol, atol, maxiter, x0``; LiSSA
-        ``maxiter, dampen, scale, h0, rtol, seed``; Arnoldi ``rank_estimate,
-        krylov_dimension, tol, max_iter``.
+        Options of the inversion method: CG ``rtol, atol, maxiter, x0,
+        preconditioner``; LiSSA ``maxiter, dampen, scale, h0, rtol, seed,
+        variance_reduction, preconditioner``; Arnoldi ``rank_estimate,
+        krylov_dimension, tol, max_iter, eigensolver, remainder, seed``.
 
     Returns
     -------
