@@ -184,6 +184,7 @@ class ArnoldiSolver(Solver):
         current = from_host(start.T, xp.astype(operator.like, dtype), operator)
         blocks: list[Any] = []
         images: list[Any] = []
+        projected = np.zeros((0, 0))
         converged, matvecs = False, 0
         with progress_bar(progress, "Block Krylov products") as bar:
             while True:
@@ -192,8 +193,9 @@ class ArnoldiSolver(Solver):
                 matvecs += int(current.shape[0])
                 bar.update(int(current.shape[0]))
                 basis, image = xp.concat(blocks, axis=0), xp.concat(images, axis=0)
+                projected = _grow_projection(projected, basis, images[-1], operator)
                 values, vectors, residuals = _rayleigh_ritz(
-                    basis, image, rank, operator
+                    projected, basis, image, rank, operator
                 )
                 scale = float(np.abs(values).max()) or 1.0
                 if residuals.max() <= self.tol * scale:
@@ -325,13 +327,44 @@ KRYLOV_TOL, ARPACK_TOL = 1e-2, 1e-6
 KRYLOV_OVERSAMPLING = 10
 
 
+def _grow_projection(
+    projected: np.ndarray, basis: Any, new_image: Any, operator: LinearOperator
+) -> np.ndarray:
+    """``Q A Q^T`` extended by the newest block, without recomputing the rest.
+
+    Parameters
+    ----------
+    projected
+        ``[m0, m0]`` host, ``Q0 A Q0^T`` for the blocks before the newest.
+    basis
+        All orthonormal rows ``Q``, ``[m, P]``, the newest block last.
+    new_image
+        ``A Q_new`` row-wise, ``[m - m0, P]``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[m, m]`` symmetric, float64.
+    """
+    old, size = projected.shape[0], int(basis.shape[0])
+    columns = to_host(basis @ new_image.T, operator)  # [m, m - m0]: Q A Q_new^T
+    grown = np.zeros((size, size))
+    grown[:old, :old] = projected
+    grown[:, old:] = columns
+    grown[old:, :old] = columns[:old].T  # A is symmetric
+    grown[old:, old:] = (columns[old:] + columns[old:].T) / 2
+    return grown
+
+
 def _rayleigh_ritz(
-    basis: Any, image: Any, rank: int, operator: LinearOperator
+    projected: np.ndarray, basis: Any, image: Any, rank: int, operator: LinearOperator
 ) -> tuple[np.ndarray, Any, np.ndarray]:
     """Ritz pairs of largest magnitude on the span of ``basis``.
 
     Parameters
     ----------
+    projected
+        ``Q A Q^T``, ``[m, m]`` host, symmetric.
     basis
         Orthonormal rows ``Q``, ``[m, P]``.
     image
@@ -348,8 +381,6 @@ def _rayleigh_ritz(
     residuals
         ``[r]`` norms ``||A u - theta u||`` (host).
     """
-    projected = to_host(basis @ image.T, operator).astype(np.float64)
-    projected = (projected + projected.T) / 2
     values, coefficients = np.linalg.eigh(projected)
     top = np.argsort(np.abs(values))[-rank:]
     values, coefficients = values[top], coefficients[:, top]
