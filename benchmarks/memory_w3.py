@@ -88,18 +88,15 @@ def _weights() -> list[tuple[np.ndarray, np.ndarray]]:
 def _model(tool: str) -> Any:
     from run_influx import jax_model, torch_model
 
-    class _Weights:
-        weights = _weights()
-
     build = torch_model if tool == "influx-torch" else jax_model
-    return build(_Weights(), "float32")
+    return build(_weights(), "float32")[0]
 
 
 def worker(args: argparse.Namespace) -> None:
     """One measurement: ``tool`` at ``n`` training points in ``mode``."""
     import influx
 
-    model, _, _ = _model(args.tool)
+    model = _model(args.tool)
     train = SyntheticStream(args.n, seed=1)
     test = SyntheticStream(N_TEST, seed=2, batch_size=N_TEST)
 

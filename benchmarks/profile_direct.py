@@ -44,7 +44,7 @@ def profile_influx() -> dict[str, float]:
     from influx.operators import HessianOperator
 
     workload = load("W1")
-    model, tensor, _ = torch_model(workload, "float32")
+    model, tensor = torch_model(workload.weights, "float32")
     train = influx.batches(
         tensor(workload.x_train), tensor(workload.y_train), batch_size=100
     )

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import measure, write_result
-from _workloads import Workload, load
+from _workloads import load
 
 import influx
 
@@ -39,13 +39,15 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def torch_model(workload: Workload, dtype: str) -> tuple[Any, Any, Any]:
-    """The workload's MLP as a ``torch.nn.Sequential``, and its data as tensors."""
+def torch_model(
+    weights: list[tuple[np.ndarray, np.ndarray]], dtype: str
+) -> tuple[Any, Any]:
+    """The tanh MLP of ``weights`` wrapped for torch, and a numpy-to-tensor map."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
     layers: list[torch.nn.Module] = []
-    for i, (weight, bias) in enumerate(workload.weights):
+    for i, (weight, bias) in enumerate(weights):
         if i:
             layers.append(torch.nn.Tanh())
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=torch_dtype)
@@ -60,11 +62,13 @@ def torch_model(workload: Workload, dtype: str) -> tuple[Any, Any, Any]:
         out = torch.from_numpy(array)
         return out.to(torch_dtype) if out.is_floating_point() else out
 
-    return model, tensor, None
+    return model, tensor
 
 
-def jax_model(workload: Workload, dtype: str) -> tuple[Any, Any, Any]:
-    """The workload's MLP as a pure JAX function, and its data as JAX arrays."""
+def jax_model(
+    weights: list[tuple[np.ndarray, np.ndarray]], dtype: str
+) -> tuple[Any, Any]:
+    """The tanh MLP of ``weights`` wrapped for JAX, and a numpy-to-array map."""
     import jax
     import jax.numpy as jnp
 
@@ -72,7 +76,7 @@ def jax_model(workload: Workload, dtype: str) -> tuple[Any, Any, Any]:
         jax.config.update("jax_enable_x64", True)
     params = [
         {"w": jnp.asarray(w.T, dtype=dtype), "b": jnp.asarray(b, dtype=dtype)}
-        for w, b in workload.weights
+        for w, b in weights
     ]
 
     def apply(params: list[dict[str, Any]], x: Any) -> Any:
@@ -91,7 +95,7 @@ def jax_model(workload: Workload, dtype: str) -> tuple[Any, Any, Any]:
             return jnp.asarray(values, dtype=dtype)
         return jnp.asarray(values.astype(np.int32))
 
-    return model, array, None
+    return model, array
 
 
 def run(args: argparse.Namespace) -> None:
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, to_native, _ = build(workload, args.dtype)
+    model, to_native = build(workload.weights, args.dtype)
     method, kind, options = METHODS[args.method]
     options = {**options, **json.loads(args.options)}
     train = influx.batches(
