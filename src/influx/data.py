@@ -12,8 +12,11 @@ host; floating data takes the model's dtype.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import zip_longest
 from typing import Any
 
 import numpy as np
@@ -143,6 +146,14 @@ def check_reiterable(data: Any, name: str) -> None:
 class DataReader:
     """Reads user data as native, validated batches for one model.
 
+    A torch ``DataLoader`` is read through :func:`ordered_loader`: in the
+    order of its dataset, every point once, with its batch size and collate
+    function, whatever its sampler's shuffling or ``drop_last``. When the order
+    of the points matters (``ordered``: the data is an axis of the result),
+    data whose order influx cannot see (any other iterable that is not a
+    sequence) is checked cheaply: the first batch is read once more and both
+    passes must agree, as must every later pass's batch sizes and first batch.
+
     Parameters
     ----------
     data
@@ -153,22 +164,46 @@ class DataReader:
         The model's backend, which converts each batch.
     like
         A native array whose device and floating dtype the batches take.
+    ordered
+        Whether the data is an axis of the result, so that every pass must
+        yield its points in the same order.
     """
 
-    def __init__(self, data: Any, name: str, backend: Backend, like: Any) -> None:
+    def __init__(
+        self,
+        data: Any,
+        name: str,
+        backend: Backend,
+        like: Any,
+        *,
+        ordered: bool = False,
+    ) -> None:
         check_reiterable(data, name)
         self.data = data
         self.name = name
+        self.ordered = ordered
         self._backend = backend
         self._like = like
         self._num_samples: int | None = None
         self._num_batches: int | None = None
+        self._source: Any = None
+        self._check_passes = False
+        self._signature: tuple[Any, ...] | None = None
+
+    @property
+    def source(self) -> Any:
+        """The iterable actually read: ``data``, or its ordered loader."""
+        if self._source is None:
+            source, deterministic = ordered_loader(self.data, self.name, self.ordered)
+            self._check_passes = self.ordered and not deterministic
+            self._source = source
+        return self._source
 
     @property
     def num_samples(self) -> int:
         """Total number of points; reads the data once if not known yet."""
         if self._num_samples is None:
-            known = getattr(self.data, "num_samples", None)
+            known = getattr(self.source, "num_samples", None)
             if isinstance(known, int):
                 self._num_samples = known
             else:
@@ -182,28 +217,78 @@ class DataReader:
         """Number of batches if known without reading the data, else ``None``."""
         if self._num_batches is None:
             try:
-                self._num_batches = len(self.data)
+                self._num_batches = len(self.source)
             except TypeError:
                 return None
         return self._num_batches
 
     def __iter__(self) -> Iterator[tuple[int, Any, Any]]:
         """Yield ``(batch_index, x, y)`` with native ``x`` and ``y``."""
+        source = self.source
+        if self._check_passes and self._signature is None:
+            self._signature = (None, self._probe(source))
         count = 0
         index = -1
-        for index, batch in enumerate(self.data):
+        sizes: list[int] = []
+        first: Any = None
+        for index, batch in enumerate(source):
             prepared = self.prepare(index, batch)
             if prepared is None:
+                sizes.append(0)
                 continue
-            count += int(prepared[0].shape[0])
+            n = int(prepared[0].shape[0])
+            sizes.append(n)
+            if self._check_passes and first is None:
+                first = self._fingerprint(*prepared)
+                self._compare(None, first)
+            count += n
             yield (index, *prepared)
         if count == 0:
             raise InputError(
                 f"{self.name} is empty ({index + 1} batches, 0 points): pass at least "
                 "one (x, y) batch with at least one point."
             )
+        if self._check_passes:
+            self._compare(tuple(sizes), first)
+            self._signature = (tuple(sizes), first)
         self._num_samples = count
         self._num_batches = index + 1
+
+    def _probe(self, source: Any) -> Any:
+        """Fingerprint of the first non-empty batch of a fresh pass."""
+        for index, batch in enumerate(source):
+            prepared = self.prepare(index, batch)
+            if prepared is not None:
+                return self._fingerprint(*prepared)
+        return None
+
+    def _fingerprint(self, x: Any, y: Any) -> tuple[Any, ...]:
+        """Shapes and a hash of a strided sample of ``x`` and ``y``, on the host."""
+        parts: list[Any] = []
+        for array in (x, y):
+            shape = tuple(int(d) for d in array.shape)
+            size = math.prod(shape)
+            flat = array.reshape((size,)) if size else array
+            sample = self._backend.to_numpy(flat[:: max(1, size // 1024)])
+            digest = hashlib.blake2b(np.ascontiguousarray(sample).tobytes())
+            parts.append((shape, str(sample.dtype), digest.hexdigest()))
+        return tuple(parts)
+
+    def _compare(self, sizes: tuple[int, ...] | None, first: Any) -> None:
+        """Raise if this pass differs from the recorded one."""
+        if self._signature is None:
+            return
+        old_sizes, old_first = self._signature
+        if first == old_first and (sizes is None or old_sizes in (None, sizes)):
+            return
+        raise InputError(
+            f"{self.name} yields different batches on each pass (its points come "
+            "in a different order, or are augmented at random), so the result's "
+            "rows or columns could not be matched to its points. Pass data that "
+            "reads the same points in the same order every time: a DataLoader "
+            "with shuffle=False, influx.batches(x, y, batch_size=...) or a list "
+            "of (x, y) batches."
+        )
 
     def prepare(self, index: int, batch: Any) -> tuple[Any, Any] | None:
         """Validate and convert one batch; ``None`` for an empty batch."""
@@ -244,3 +329,158 @@ class DataReader:
                 # model, say): go through the host.
                 array = owner.to_numpy(array)
         return backend.asarray(array, like=self._like)
+
+
+def ordered_loader(data: Any, name: str, ordered: bool) -> tuple[Any, bool]:
+    """The iterable to read for ``data``, and whether its order is fixed.
+
+    A sequence (a list, a tuple, :func:`batches`) is read as it is. A torch
+    ``DataLoader`` over a map-style dataset is read in a fixed order, every
+    point once, with the loader's batch size, collate function and worker
+    settings:
+
+    - a ``SequentialSampler`` or a ``RandomSampler`` (without replacement, all
+      points): the dataset's order, ``0 .. N-1``;
+    - a ``SubsetRandomSampler``: the order of its ``indices``;
+    - ``drop_last=True`` is ignored (the last, short batch is read and
+      weighted by its size), and ``in_order=False`` is turned off;
+    - any other sampler or ``batch_sampler`` is read as it is if it yields the
+      same indices on two passes (or if the order does not matter), else it is
+      refused;
+    - a sampler that draws with replacement, or a number of points other than
+      the dataset's (``WeightedRandomSampler``), is refused: its points are
+      not a fixed set.
+
+    Any other iterable (a ``DataLoader`` over an ``IterableDataset`` too) is
+    read as it is, with the order not known to be fixed. torch is never
+    imported here: a ``DataLoader`` can only exist if the user imported it.
+
+    Parameters
+    ----------
+    data
+        The user's re-iterable of ``(x, y)`` batches.
+    name
+        The argument's name, for errors.
+    ordered
+        Whether the order of the points matters (a result axis).
+
+    Returns
+    -------
+    tuple[Any, bool]
+        The iterable to read, and ``True`` if it yields the same batches in
+        the same order on every pass.
+
+    Raises
+    ------
+    InputError
+        For a loader whose points are drawn at random, or whose custom sampler
+        changes order between passes when ``ordered``.
+    """
+    if isinstance(data, Sequence):
+        return data, True
+    torch = sys.modules.get("torch")
+    utils = getattr(getattr(torch, "utils", None), "data", None)
+    loader_class = getattr(utils, "DataLoader", None)
+    if loader_class is None or not isinstance(data, loader_class):
+        return data, False
+    if isinstance(data.dataset, utils.IterableDataset):
+        return data, False
+    return _ordered_dataloader(data, name, ordered, utils)
+
+
+def _ordered_dataloader(
+    loader: Any, name: str, ordered: bool, utils: Any
+) -> tuple[Any, bool]:
+    """:func:`ordered_loader` for a ``DataLoader`` over a map-style dataset."""
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None:  # automatic batching off: each item is a batch
+        sampler, batch_size, drop_last = loader.sampler, None, False
+    elif type(batch_sampler) is utils.BatchSampler:
+        sampler = batch_sampler.sampler
+        batch_size, drop_last = batch_sampler.batch_size, batch_sampler.drop_last
+    else:
+        _check_fixed_order(batch_sampler, "batch_sampler", name, ordered)
+        return loader, True
+    dataset = loader.dataset
+    kind = type(sampler)
+    out_of_order = loader.num_workers > 0 and not getattr(loader, "in_order", True)
+    if kind is utils.SequentialSampler:
+        order: Any = sampler
+    elif (
+        kind is utils.RandomSampler
+        and not sampler.replacement
+        and (sampler.num_samples == len(dataset))
+    ):
+        order = utils.SequentialSampler(dataset)
+    elif kind is utils.SubsetRandomSampler:
+        order = [int(i) for i in sampler.indices]
+    elif kind in (utils.RandomSampler, utils.WeightedRandomSampler):
+        raise InputError(
+            f"{name} is a DataLoader whose sampler ({kind.__name__}) draws its "
+            "points at random (with replacement, or a number of points other "
+            "than the dataset's), so the points are not a fixed set. Pass "
+            "DataLoader(loader.dataset, batch_size=..., shuffle=False) or "
+            "influx.batches(x, y, batch_size=...)."
+        )
+    else:
+        _check_fixed_order(sampler, "sampler", name, ordered)
+        order = sampler
+    if order is sampler and not (drop_last or out_of_order):
+        return loader, True
+    return _rebuild(loader, utils, order, batch_size), True
+
+
+def _check_fixed_order(sampler: Any, what: str, name: str, ordered: bool) -> None:
+    """Raise if ``ordered`` and two passes of ``sampler`` differ."""
+    if not ordered or _same_twice(sampler):
+        return
+    raise InputError(
+        f"{name} is a DataLoader whose {what} ({type(sampler).__name__}) yields "
+        "its points in a different order on each pass, so the result's rows or "
+        "columns could not be matched to its points. Pass a loader that reads "
+        "the data in order: DataLoader(loader.dataset, batch_size=..., "
+        "shuffle=False, collate_fn=loader.collate_fn), a list of (x, y) batches "
+        "or influx.batches(x, y, batch_size=...)."
+    )
+
+
+def _same_twice(sampler: Any) -> bool:
+    """Whether two passes of ``sampler`` yield the same indices."""
+    missing = object()
+    pairs = zip_longest(iter(sampler), iter(sampler), fillvalue=missing)
+    return all(_index_key(a) == _index_key(b) for a, b in pairs)
+
+
+def _index_key(item: Any) -> Any:
+    if isinstance(item, int):
+        return item
+    if isinstance(item, Iterable):
+        return tuple(_index_key(i) for i in item)
+    try:
+        return int(item)
+    except (TypeError, ValueError):
+        return item
+
+
+def _rebuild(loader: Any, utils: Any, order: Any, batch_size: int | None) -> Any:
+    """A plain ``DataLoader`` like ``loader``, reading ``order`` without dropping."""
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "shuffle": False,
+        "sampler": order,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "drop_last": False,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": getattr(loader, "pin_memory_device", ""),
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+    if hasattr(loader, "in_order"):
+        options["in_order"] = True
+    return utils.DataLoader(loader.dataset, **options)

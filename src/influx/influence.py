@@ -101,7 +101,9 @@ def compute_influence_factors(
     # When the test points default to the training data, errors name the
     # argument the user actually passed.
     test_name = "training_data" if test_data is training_data else "test_data"
-    test_reader = DataReader(test_data, test_name, model.backend, model.parameters)
+    test_reader = DataReader(
+        test_data, test_name, model.backend, model.parameters, ordered=True
+    )
     rhs = _concat(list(_gradients(model, test_reader, progress, "Test gradients")))
     state = solver.init(operator.shift(hessian_perturbation), progress=progress)
     factors, info = solver.solve(state, rhs, progress=progress)
@@ -210,7 +212,7 @@ def _influences(
     """
     _check_model(model)
     factors = _check_factors(model, influence_factors)
-    reader = DataReader(data, name, model.backend, model.parameters)
+    reader = DataReader(data, name, model.backend, model.parameters, ordered=True)
     sink = _BlockSink(model, factors, out)
     if kind is InfluenceType.Up:
         desc = "Up-weighting influences"

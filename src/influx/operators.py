@@ -403,11 +403,11 @@ class HessianOperator(LinearOperator):
         a fixed or per-epoch order correlates the batch with the iterate and
         biases the LiSSA fixed point. A sequence (a list,
         :func:`influx.batches`) is indexed directly; any other iterable (a
-        ``DataLoader``) is read once and its converted batches are kept in
-        memory for the draws.
+        ``DataLoader``, read in order as by the other products) is read once
+        and its converted batches are kept in memory for the draws.
         """
         reader = self.reader
-        data = reader.data
+        data = reader.source
         if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
             num_batches = len(data)
 
