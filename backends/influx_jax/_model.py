@@ -26,6 +26,11 @@ class JaxTwiceDifferentiable:
     (``[P]``) with ``jax.flatten_util.ravel_pytree``. The functions of the
     protocol are ``jax.jit``-compiled once per batch shape.
 
+    Integer inputs ``x`` reach ``apply_fn`` unchanged (``jnp`` promotes them
+    to the parameters' dtype in arithmetic, and ``jnp.take`` or indexing by
+    token ids keeps working); for the perturbation influence, which
+    differentiates in ``x``, they are cast to the parameters' dtype.
+
     Parameters
     ----------
     apply_fn
@@ -193,6 +198,8 @@ class JaxTwiceDifferentiable:
 
     def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(self.dtype)  # gradients in x need a floating x
         return _bucketed(self._mixed, self._theta, x, y, vectors)
 
     def __repr__(self) -> str:

@@ -30,6 +30,12 @@ class TorchTwiceDifferentiable:
     (dropout off, batch-norm on its running statistics) and restores the train
     or eval mode of every submodule afterwards, also when the call raises.
 
+    Integer (and bool) inputs ``x`` are cast to the parameters' dtype before
+    the forward pass, as JAX promotes them in arithmetic, so that a model of
+    numeric features gives the same influences from integer and floating
+    inputs; a module that contains an ``nn.Embedding`` or ``nn.EmbeddingBag``
+    receives its integer inputs unchanged (token ids).
+
     Parameters
     ----------
     model
@@ -93,6 +99,11 @@ class TorchTwiceDifferentiable:
             if n not in trainable_names
         }
         self._constants.update({n: b.detach() for n, b in model.named_buffers()})
+        # Integer inputs of a module without an embedding are numbers, not ids.
+        embeddings = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+        self._cast_integer_inputs = not any(
+            isinstance(m, embeddings) for m in model.modules()
+        )
 
     @property
     def backend(self) -> Any:
@@ -147,8 +158,19 @@ class TorchTwiceDifferentiable:
             )
         }
 
+    def _inputs(self, x: Any) -> Any:
+        """``x``, cast to the parameters' dtype if it holds integers or bools."""
+        if (
+            self._cast_integer_inputs
+            and isinstance(x, torch.Tensor)
+            and not (x.is_floating_point() or x.is_complex())
+        ):
+            return x.to(self.dtype)
+        return x
+
     def _batch_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
         params = {**self._constants, **self._unflatten(theta)}
+        x = self._inputs(x)
         predictions = functional_call(self._module, params, (x,))
         value = self._loss(predictions, y)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
@@ -211,6 +233,7 @@ class TorchTwiceDifferentiable:
         reverse passes over the batch per vector, mapped over the vectors,
         instead of one per sample and vector.
         """
+        x = self._inputs(x)
         count = x.shape[0]
         batch_grad = grad(self._batch_loss)
 
