@@ -8,6 +8,11 @@ weighted by its size). Data is converted to the model's framework by its
 backend, batch by batch, when it is used: numpy arrays and arrays of another
 framework (a torch ``DataLoader`` feeding a JAX model) are copied through the
 host; floating data takes the model's dtype.
+
+Results come back in the data's order. A torch ``DataLoader`` is read in its
+dataset's order whatever its sampler's shuffling, every point once (see
+:func:`ordered_loader`); other data whose batches differ from pass to pass is
+refused where it is an axis of the result.
 """
 
 from __future__ import annotations
