@@ -22,6 +22,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
+from influx._loss_check import LossConventionCheck
 from influx._progress import progress_iter
 from influx.backends import check_model_backend
 from influx.data import DataReader
@@ -220,7 +221,9 @@ def _influences(
         batches = progress_iter(
             reader, progress, "Perturbation influences", total=reader.num_batches
         )
+        check = LossConventionCheck(model, name)
         for index, x, y in batches:
+            check(index, x, y)
             block = evaluate(name, index, x, model.mixed_grads, x, y, factors)
             ensure_finite(block, f"{name} batch {index}: the perturbation influence")
             sink.add(block)
@@ -347,9 +350,14 @@ def compute_influences(
 def _gradients(
     model: TwiceDifferentiable, reader: DataReader, progress: bool, desc: str
 ) -> Iterator[Any]:
-    """Per-sample gradients ``[B, P]``, batch by batch, checked to be finite."""
+    """Per-sample gradients ``[B, P]``, batch by batch, checked to be finite.
+
+    The loss convention is checked on the first batch of two points or more.
+    """
+    check = LossConventionCheck(model, reader.name)
     for index, x, y in progress_iter(reader, progress, desc, total=reader.num_batches):
         grads, losses = evaluate(reader.name, index, x, model.per_sample_grads, x, y)
+        check(index, x, y, (grads, losses))
         ensure_finite(losses, f"{reader.name} batch {index}: the loss")
         ensure_finite(grads, f"{reader.name} batch {index}: the loss gradient")
         yield grads
