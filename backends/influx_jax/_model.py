@@ -94,6 +94,7 @@ class JaxTwiceDifferentiable:
             jax.vmap(jax.value_and_grad(self._sample_loss), in_axes=(None, 0, 0))
         )
         self._grad = jax.jit(jax.grad(self._batch_loss))
+        self._value_and_grad = jax.jit(jax.value_and_grad(self._batch_loss))
         self._hvp = jax.jit(self._hvp_impl)
         self._mixed = jax.jit(self._mixed_impl)
 
@@ -181,6 +182,10 @@ class JaxTwiceDifferentiable:
     def grad(self, x: Any, y: Any) -> jax.Array:
         """Gradient of the batch-mean loss, ``[P]``."""
         return self._grad(self._theta, x, y)
+
+    def value_and_grad(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
+        """Batch-mean loss ``[]`` and its gradient ``[P]`` (optional method)."""
+        return self._value_and_grad(self._theta, x, y)
 
     def hvp(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``."""

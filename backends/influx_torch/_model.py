@@ -199,6 +199,12 @@ class TorchTwiceDifferentiable:
         with self._eval_mode():
             return grad(self._batch_loss)(self._theta, x, y).detach()
 
+    def value_and_grad(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-mean loss ``[]`` and its gradient ``[P]`` (optional method)."""
+        with self._eval_mode():
+            gradient, value = grad_and_value(self._batch_loss)(self._theta, x, y)
+        return value.detach(), gradient.detach()
+
     def hvp(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:
         """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,23 +14,26 @@ from influx.errors import InputError
 def evaluate(
     data_name: str, index: int, x: Any, compute: Callable[..., Any], *args: Any
 ) -> Any:
-    """``compute(*args)``, with framework errors turned into a clear InputError.
+    """``compute(*args)``; an error keeps its type and message, with context added.
 
-    A shape mismatch inside the model surfaces from torch as a RuntimeError
-    and from JAX as a TypeError; either becomes an error that names the data
-    argument, the batch and the input shape. influx's own errors pass through.
+    An exception raised by the user's model or loss, or by the framework (a
+    shape mismatch, an allocator failure, an internal assert), is re-raised
+    unchanged, with a note (Python 3.11+) naming the data argument, the batch
+    and the input shape: influx does not guess its cause. influx's own
+    :class:`InputError` passes through as it is.
     """
     try:
         return compute(*args)
     except InputError:
         raise
-    except (RuntimeError, TypeError, ValueError) as error:
-        shape = tuple(getattr(x, "shape", ()))
-        raise InputError(
-            f"{data_name} batch {index}: the model and loss could not be evaluated "
-            f"on inputs of shape {shape} ({type(error).__name__}: {error}). Check "
-            "that the inputs fit the model and that the targets fit the loss."
-        ) from error
+    except Exception as error:
+        if hasattr(error, "add_note"):
+            shape = tuple(getattr(x, "shape", ()))
+            error.add_note(
+                f"influx: raised while evaluating the model and loss on {data_name} "
+                f"batch {index} (inputs of shape {shape})."
+            )
+        raise
 
 
 def ensure_finite(array: Any, what: str) -> None:
@@ -37,9 +41,14 @@ def ensure_finite(array: Any, what: str) -> None:
     xp = array_namespace(array)
     finite = xp.isfinite(array)
     if not bool(xp.all(finite)):
-        bad = int(xp.sum(xp.astype(~finite, xp.int64)))
+        nan = int(xp.sum(xp.astype(xp.isnan(array), xp.int64)))
+        inf = int(xp.sum(xp.astype(~finite, xp.int64))) - nan
         raise InputError(
-            f"{what} is not finite ({bad} NaN or inf values). Check the inputs and "
-            "targets of this batch, the loss (a log of 0, an overflow) and the "
-            "model's parameters."
+            f"{what} is not finite: {nan} NaN and {inf} inf values out of "
+            f"{math.prod(array.shape)}. Possible causes: NaN or inf in the inputs "
+            "or targets of this batch; a loss undefined at these points (a log or "
+            "a division by 0, an overflow; a target equal to the loss's "
+            "ignore_index, whose loss on a batch of one point is 0/0: drop such "
+            "points); parameters of a diverged model. Check the inputs and "
+            "targets of this batch."
         )

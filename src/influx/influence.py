@@ -22,6 +22,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
+from influx._loss_check import LossConventionCheck
 from influx._progress import progress_iter
 from influx.backends import check_model_backend
 from influx.data import DataReader
@@ -50,9 +51,10 @@ def compute_influence_factors(
     test_data: Any,
     inversion_method: InversionMethod | str,
     *,
-    hessian_perturbation: float = 0.0,
+    hessian_perturbation: float | None = None,
     progress: bool = False,
     return_info: bool = False,
+    hessian_regularization: float | None = None,
     **kwargs: Any,
 ) -> Any:
     r"""Influence factors ``s_test = (H + lambda I)^{-1} grad l(z_test)``.
@@ -70,9 +72,12 @@ def compute_influence_factors(
         ``"direct"``, ``"cg"``, ``"lissa"`` or ``"arnoldi"`` (or an
         :class:`InversionMethod`).
     hessian_perturbation
-        ``lambda >= 0`` added to the Hessian's diagonal.
+        ``lambda >= 0`` added to the Hessian's diagonal (default 0).
     progress
         Show progress bars.
+    hessian_regularization
+        The same ``lambda`` under the name :func:`compute_influences` uses;
+        pass one of the two.
     return_info
         Also return the solver's :class:`~influx.solvers.SolveInfo`.
     **kwargs
@@ -90,12 +95,15 @@ def compute_influence_factors(
     Raises
     ------
     TypeError
-        If ``model`` is not wrapped, or an option is unknown.
+        If ``model`` is not wrapped, an option is unknown, or both names of
+        ``lambda`` are given with different values.
     ValueError
         On bad data, a negative ``hessian_perturbation`` or an unknown method.
     """
     _check_model(model)
-    _check_regularization(hessian_perturbation, "hessian_perturbation")
+    hessian_perturbation = _resolve_regularization(
+        hessian_regularization, hessian_perturbation
+    )
     solver = make_solver(parse_inversion_method(inversion_method), **kwargs)
     operator = HessianOperator(model, training_data, progress=progress)
     # When the test points default to the training data, errors name the
@@ -222,7 +230,9 @@ def _influences(
         batches = progress_iter(
             reader, progress, "Perturbation influences", total=reader.num_batches
         )
+        check = LossConventionCheck(model, name)
         for index, x, y in batches:
+            check(index, x, y)
             block = evaluate(name, index, x, model.mixed_grads, x, y, factors)
             ensure_finite(block, f"{name} batch {index}: the perturbation influence")
             sink.add(block)
@@ -283,9 +293,10 @@ def compute_influences(
     input_data: Any = None,
     inversion_method: InversionMethod | str = InversionMethod.Direct,
     influence_type: InfluenceType | str = InfluenceType.Up,
-    hessian_regularization: float = 0.0,
+    hessian_regularization: float | None = None,
     progress: bool = False,
     out: Any = None,
+    hessian_perturbation: float | None = None,
     **kwargs: Any,
 ) -> Any:
     """Influence of every input point on every test point.
@@ -305,9 +316,12 @@ def compute_influences(
     influence_type
         ``"up"`` (default) or ``"perturbation"``.
     hessian_regularization
-        ``lambda >= 0`` added to the Hessian's diagonal.
+        ``lambda >= 0`` added to the Hessian's diagonal (default 0).
     progress
         Show progress bars.
+    hessian_perturbation
+        The same ``lambda`` under the name :func:`compute_influence_factors`
+        uses; pass one of the two.
     out
         Optional host array (numpy, ``numpy.memmap``, zarr) of the result's
         shape that takes it block by block, so that a result larger than
@@ -330,8 +344,16 @@ def compute_influences(
     """
     kind = parse_influence_type(influence_type)
     method = parse_inversion_method(inversion_method)
-    _check_regularization(hessian_regularization, "hessian_regularization")
+    hessian_regularization = _resolve_regularization(
+        hessian_regularization, hessian_perturbation
+    )
     _check_out_type(out)
+    if "return_info" in kwargs:
+        raise TypeError(
+            "return_info is an argument of compute_influence_factors, not of "
+            "compute_influences: call compute_influence_factors(..., "
+            "return_info=True) for the solver's info."
+        )
     factors = compute_influence_factors(
         differentiable_model,
         training_data,
@@ -349,9 +371,14 @@ def compute_influences(
 def _gradients(
     model: TwiceDifferentiable, reader: DataReader, progress: bool, desc: str
 ) -> Iterator[Any]:
-    """Per-sample gradients ``[B, P]``, batch by batch, checked to be finite."""
+    """Per-sample gradients ``[B, P]``, batch by batch, checked to be finite.
+
+    The loss convention is checked on the first batch of two points or more.
+    """
+    check = LossConventionCheck(model, reader.name)
     for index, x, y in progress_iter(reader, progress, desc, total=reader.num_batches):
         grads, losses = evaluate(reader.name, index, x, model.per_sample_grads, x, y)
+        check(index, x, y, (grads, losses))
         ensure_finite(losses, f"{reader.name} batch {index}: the loss")
         ensure_finite(grads, f"{reader.name} batch {index}: the loss gradient")
         yield grads
@@ -379,6 +406,32 @@ def _check_out_type(out: Any) -> None:
             f"out must be a writable array such as a numpy array, a numpy.memmap "
             f"or a zarr array, got {type(out).__name__}."
         )
+
+
+def _resolve_regularization(regularization: Any, perturbation: Any) -> float:
+    """The ``lambda`` of ``hessian_regularization`` or ``hessian_perturbation``.
+
+    The two names mean the same; each is checked, both given must agree, and
+    neither given is 0.
+    """
+    given = {
+        name: value
+        for name, value in (
+            ("hessian_regularization", regularization),
+            ("hessian_perturbation", perturbation),
+        )
+        if value is not None
+    }
+    for name, value in given.items():
+        _check_regularization(value, name)
+    values = {float(value) for value in given.values()}
+    if len(values) > 1:
+        raise TypeError(
+            f"hessian_regularization={regularization!r} and hessian_perturbation="
+            f"{perturbation!r} are two names of the same lambda added to the "
+            "Hessian's diagonal, given different values: pass only one."
+        )
+    return values.pop() if values else 0.0
 
 
 def _check_regularization(value: Any, name: str) -> None:

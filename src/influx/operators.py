@@ -23,6 +23,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
 from influx._checks import ensure_finite, evaluate
+from influx._loss_check import LossConventionCheck
 from influx._progress import progress_iter
 from influx.data import DataReader
 from influx.errors import InputError
@@ -346,6 +347,7 @@ class HessianOperator(LinearOperator):
         self.reader = DataReader(training_data, name, model.backend, model.parameters)
         self.progress = progress
         self.num_passes = 0
+        self._loss_check = LossConventionCheck(model, name)
 
     @property
     def like(self) -> Any:
@@ -359,6 +361,7 @@ class HessianOperator(LinearOperator):
         xp = array_namespace(vectors)
         name = self.reader.name
         model_vectors = xp.astype(vectors, self.dtype)
+        self._loss_check(index, x, y)
         product = evaluate(name, index, x, self.model.hvp, x, y, model_vectors)
         ensure_finite(product, f"{name} batch {index}: the Hessian-vector product")
         return xp.astype(product, vectors.dtype)
@@ -382,6 +385,7 @@ class HessianOperator(LinearOperator):
         )
         for index, x, y in batches:
             n = int(x.shape[0])
+            self._loss_check(index, x, y)
             hessian = evaluate(name, index, x, self.model.hessian, x, y)
             ensure_finite(hessian, f"{name} batch {index}: the Hessian")
             total = n * hessian if total is None else total + n * hessian

@@ -31,6 +31,12 @@ class TwiceDifferentiable(Protocol):
     methods are functional: they keep no autograd graph between calls and never
     modify the wrapped model. ``x`` and ``y`` are native arrays of the backend
     (convert with :meth:`Backend.asarray`).
+
+    Optional methods, not part of the protocol's ``isinstance`` check, let the
+    core verify that the loss is a batch mean (on the first batch of each data
+    argument): ``value_and_grad(x, y) -> (loss [], grad [P])`` of the batch
+    loss, or else ``grad(x, y) -> [P]``; and a ``loss`` attribute (the user's
+    loss) names it in errors. A backend without them is not checked.
     """
 
     @property

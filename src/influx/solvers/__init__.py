@@ -37,6 +37,21 @@ SOLVERS: dict[InversionMethod, type[Solver]] = {
 }
 
 
+#: Arguments of the public functions that are not solver options, and the
+#: functions that take them, for errors when one is passed as an option.
+TOP_LEVEL_ARGUMENTS: dict[str, str] = {
+    "hessian_regularization": "compute_influences and compute_influence_factors",
+    "hessian_perturbation": "compute_influence_factors and compute_influences",
+    "influence_type": "compute_influences",
+    "input_data": "compute_influences",
+    "test_data": "compute_influences and compute_influence_factors",
+    "training_data": "compute_influences and compute_influence_factors",
+    "out": "compute_influences, compute_influences_up and compute_influences_pert",
+    "return_info": "compute_influence_factors",
+    "inversion_method": "compute_influences and compute_influence_factors",
+}
+
+
 def make_solver(method: InversionMethod | str, **options: Any) -> Solver:
     """Build the solver of ``method`` with its keyword ``options``.
 
@@ -52,9 +67,16 @@ def make_solver(method: InversionMethod | str, **options: Any) -> Solver:
     valid = solver_class.option_names()
     unknown = sorted(set(options) - set(valid))
     if unknown:
+        misplaced = "".join(
+            f" {name!r} is not a solver option but an argument of "
+            f"{TOP_LEVEL_ARGUMENTS[name]}: pass it there."
+            for name in unknown
+            if name in TOP_LEVEL_ARGUMENTS
+        )
         raise TypeError(
             f"Unknown option{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))} for inversion method "
             f"{solver_class.name!r}. Valid options: {', '.join(valid) or 'none'}."
+            + misplaced
         )
     return solver_class(**options)
