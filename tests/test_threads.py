@@ -75,10 +75,12 @@ def _run_threads(work: Callable[[int], Any]) -> list[Any]:
     return results
 
 
-def _work(model: influx.TwiceDifferentiable, data: Any, vectors: Any) -> Any:
-    """Influences and batched HVPs, ``ROUNDS`` times, as numpy."""
+def _work(
+    model: influx.TwiceDifferentiable, data: Any, vectors: Any, rounds: int = ROUNDS
+) -> Any:
+    """Influences and batched HVPs, ``rounds`` times, as numpy."""
     outputs = []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         influences = influx.compute_influences(model, data, hessian_regularization=REG)
         x, y = data[0]
         outputs.append((to_numpy(influences), to_numpy(model.hvp(x, y, vectors))))
@@ -172,16 +174,22 @@ def test_torch_threads_exact_and_model_untouched(
         (to_backend("torch", x[4:]), to_backend("torch", y[4:])),
     ]
     before = _torch_state(net)
-    model = influx.twice_differentiable(net, mse_loss("torch"))
+    loss = mse_loss("torch")
+    model = influx.twice_differentiable(net, loss)
     vectors = torch.linspace(-1.0, 1.0, 3 * model.num_params, dtype=torch.float64)
     vectors = vectors.reshape(3, model.num_params)
     reference = _work(model, data, vectors)[0]
-    models = [
-        model if shared_wrapper else influx.twice_differentiable(net, mse_loss("torch"))
-        for _ in range(THREADS)
-    ]
 
-    results = _run_threads(lambda i: _work(models[i], data, vectors))
+    def work(index: int) -> Any:
+        if shared_wrapper:
+            return _work(model, data, vectors)
+        # Each thread wraps the module itself, while the others compute on it.
+        return [
+            _work(influx.twice_differentiable(net, loss), data, vectors, 1)[0]
+            for _ in range(ROUNDS)
+        ]
+
+    results = _run_threads(work)
 
     _assert_same(results, reference)
     _assert_torch_untouched(net, before)

@@ -83,7 +83,10 @@ class TorchTwiceDifferentiable:
             )
         if not callable(loss):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with module_lock(model):  # never read another thread's swapped-in tensors
+            named = list(model.named_parameters())
+            buffers = list(model.named_buffers())
+        trainable = [(n, p) for n, p in named if p.requires_grad]
         if not trainable:
             raise InputError(
                 "model has no parameter with requires_grad=True: there is nothing "
@@ -116,12 +119,8 @@ class TorchTwiceDifferentiable:
         with torch.no_grad():
             self._theta = torch.cat([p.detach().reshape(-1) for _, p in trainable])
         trainable_names = set(self._names)
-        self._constants = {
-            n: p.detach()
-            for n, p in model.named_parameters()
-            if n not in trainable_names
-        }
-        self._constants.update({n: b.detach() for n, b in model.named_buffers()})
+        self._constants = {n: p.detach() for n, p in named if n not in trainable_names}
+        self._constants.update({n: b.detach() for n, b in buffers})
 
     @property
     def backend(self) -> Any:
