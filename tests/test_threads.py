@@ -235,3 +235,45 @@ def _leaves(tree: Any) -> list[Any]:
     import jax
 
     return jax.tree_util.tree_leaves(tree)
+
+
+@pytest.mark.parametrize("library", ["equinox", "flax.nnx"])
+def test_jax_library_modules_threads_exact(fast_switching: None, library: str) -> None:
+    """Library modules are split and merged inside the traced functions."""
+    pytest.importorskip("jax")
+    pytest.importorskip(library)
+    import jax
+    import jax.numpy as jnp
+
+    if library == "equinox":
+        import equinox as eqx
+
+        module = eqx.nn.MLP(IN_DIM, OUT_DIM, HIDDEN, 1, key=jax.random.PRNGKey(0))
+    else:
+        from flax import nnx
+
+        module = nnx.Sequential(
+            nnx.Linear(IN_DIM, HIDDEN, rngs=nnx.Rngs(0)),
+            nnx.BatchNorm(HIDDEN, rngs=nnx.Rngs(0)),
+            nnx.Linear(HIDDEN, OUT_DIM, rngs=nnx.Rngs(1)),
+        )
+    x, y = _arrays()
+    data = [
+        (jnp.asarray(x[:4], jnp.float32), jnp.asarray(y[:4], jnp.float32)),
+        (jnp.asarray(x[4:], jnp.float32), jnp.asarray(y[4:], jnp.float32)),
+    ]
+    model = influx.twice_differentiable(module, mse_loss("jax"))
+    vectors = jnp.ones((2, model.num_params), model.dtype)
+    xb, yb = data[0]
+
+    def products(wrapped: influx.TwiceDifferentiable) -> Any:
+        grads, _ = wrapped.per_sample_grads(xb, yb)
+        return to_numpy(grads), to_numpy(wrapped.hvp(xb, yb, vectors))
+
+    reference = products(model)
+    # A fresh wrapper, not compiled yet: the threads trace it concurrently.
+    fresh = influx.twice_differentiable(module, mse_loss("jax"))
+    results = _run_threads(lambda i: products(fresh))
+    for grads, hvps in results:
+        np.testing.assert_allclose(grads, reference[0], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(hvps, reference[1], rtol=1e-6, atol=1e-9)

@@ -139,12 +139,11 @@ def _split_flax_variables(
 ) -> tuple[Callable[[Any, Any], Any], Any]:
     """Differentiate ``variables["params"]``; the other collections are constant."""
     constants = {name: value for name, value in variables.items() if name != "params"}
-    rebuild = type(variables) if type(variables) is not dict else dict
 
     def apply(trainable: Any, x: Any) -> Any:
         merged = {**constants, "params": trainable}
-        try:
-            full = rebuild(merged)
+        try:  # the caller's mapping type (flax's FrozenDict), else a dict
+            full = type(variables)(merged)
         except TypeError:
             full = merged
         try:
