@@ -229,9 +229,22 @@ def _nnx_net() -> Any:
 
     net = Net()
     # nnx keeps batch statistics in float32 whatever param_dtype: set float64.
-    net.norm.mean.set_value(jnp.linspace(-1.0, 1.0, HIDDEN))
-    net.norm.var.set_value(jnp.linspace(0.5, 2.0, HIDDEN))
+    _set(net.norm.mean, jnp.linspace(-1.0, 1.0, HIDDEN))
+    _set(net.norm.var, jnp.linspace(0.5, 2.0, HIDDEN))
     return net
+
+
+def _set(variable: Any, value: Any) -> None:
+    """Replace an nnx variable's array (``set_value`` from flax 0.12 on)."""
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:
+        variable.value = value
+
+
+def _get(variable: Any) -> Any:
+    """An nnx variable's array (``.value`` is deprecated from flax 0.12 on)."""
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
 def test_nnx_module_in_eval_mode() -> None:
@@ -240,14 +253,14 @@ def test_nnx_module_in_eval_mode() -> None:
     norm = net.norm
     epsilon = norm.epsilon
     params = {
-        "w1": net.hidden.kernel[...],
-        "b1": net.hidden.bias[...],
-        "scale": norm.scale[...],
-        "shift": norm.bias[...],
-        "w2": net.out.kernel[...],
-        "b2": net.out.bias[...],
+        "w1": _get(net.hidden.kernel),
+        "b1": _get(net.hidden.bias),
+        "scale": _get(norm.scale),
+        "shift": _get(norm.bias),
+        "w2": _get(net.out.kernel),
+        "b2": _get(net.out.bias),
     }
-    mean, var = norm.mean[...], norm.var[...]
+    mean, var = _get(norm.mean), _get(norm.var)
 
     def apply_fn(p: Any, x: Any) -> Any:
         h = x @ p["w1"] + p["b1"]
@@ -261,7 +274,7 @@ def test_nnx_module_in_eval_mode() -> None:
     # The user's module is left in training mode, its statistics unchanged.
     assert net.norm.use_running_average is False
     assert net.drop.deterministic is False
-    np.testing.assert_array_equal(net.norm.mean[...], mean)
+    np.testing.assert_array_equal(_get(net.norm.mean), mean)
 
 
 # -- detection -------------------------------------------------------------------
