@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influx_jax._libraries import is_library_module
 from influx_jax._model import JaxTwiceDifferentiable
 
 __all__ = ["JaxBackend"]
@@ -21,10 +22,16 @@ class JaxBackend:
     framework_module = "jax"
 
     def owns(self, obj: Any) -> bool:
-        """JAX arrays, wrappers and pytrees whose leaves are all JAX arrays."""
+        """JAX arrays, wrappers, equinox and nnx modules, and JAX-array pytrees.
+
+        Pytrees are dicts, mappings (flax's ``FrozenDict``), lists and tuples
+        whose leaves are all JAX arrays.
+        """
         if isinstance(obj, jax.Array | JaxTwiceDifferentiable):
             return True
-        if isinstance(obj, dict | list | tuple):
+        if is_library_module(obj):  # imports no library that is not imported
+            return True
+        if isinstance(obj, Mapping | list | tuple):
             leaves = jax.tree_util.tree_leaves(obj)
             return bool(leaves) and all(isinstance(leaf, jax.Array) for leaf in leaves)
         return False
@@ -52,13 +59,12 @@ class JaxBackend:
     def twice_differentiable(
         self, model: Any, loss: Callable[[Any, Any], Any], *, params: Any = None
     ) -> JaxTwiceDifferentiable:
-        """Wrap ``apply_fn(params, x)`` with its ``params`` pytree."""
-        if params is None:
-            raise TypeError(
-                "The JAX backend needs params=...: pass the apply function as model "
-                "and its parameter pytree, twice_differentiable(apply_fn, loss, "
-                "params=params)."
-            )
+        """Wrap ``apply_fn(params, x)`` with its ``params`` pytree.
+
+        ``model`` may also be an equinox or flax nnx module with
+        ``params=None``, and ``params`` flax variables (only their ``"params"``
+        collection is differentiated); see :mod:`influx_jax._libraries`.
+        """
         return JaxTwiceDifferentiable(model, params, loss)
 
     def train_demo_model(self, *args: Any, **kwargs: Any) -> Any:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from influx.errors import InputError
+from influx_jax._libraries import split_model
 
 __all__ = ["JaxTwiceDifferentiable"]
 
@@ -21,10 +22,17 @@ HESSIAN_CHUNK = 256
 class JaxTwiceDifferentiable:
     """A JAX model ``apply_fn(params, x)`` with its loss, differentiable in ``params``.
 
-    ``params`` may be any pytree of floating arrays (flax variables, an
+    ``params`` may be any pytree of floating arrays (flax parameters, an
     equinox module's arrays, haiku parameters); it is flattened into ``theta``
-    (``[P]``) with ``jax.flatten_util.ravel_pytree``. The functions of the
-    protocol are ``jax.jit``-compiled once per batch shape.
+    (``[P]``) with ``jax.flatten_util.ravel_pytree``. The models of JAX
+    libraries are split first (see :mod:`influx_jax._libraries`): of flax
+    variables with collections besides ``"params"`` (``"batch_stats"``) only
+    ``variables["params"]`` is differentiated, the rest held constant; an
+    equinox module (``params=None``) is partitioned with
+    ``equinox.is_inexact_array`` and mapped over the batch,
+    ``jax.vmap(module)(x)``; a flax nnx module (``params=None``) is
+    differentiated in its ``nnx.Param`` state and run in evaluation mode. The
+    functions of the protocol are ``jax.jit``-compiled once per batch shape.
 
     Integer inputs ``x`` reach ``apply_fn`` unchanged (``jnp`` promotes them
     to the parameters' dtype in arithmetic, and ``jnp.take`` or indexing by
@@ -34,9 +42,11 @@ class JaxTwiceDifferentiable:
     Parameters
     ----------
     apply_fn
-        ``apply_fn(params, x) -> predictions`` for a batch ``x``.
+        ``apply_fn(params, x) -> predictions`` for a batch ``x``; or an equinox
+        or flax nnx module, with ``params=None``.
     params
-        The parameter pytree; all leaves floating, of one dtype.
+        The parameter pytree, all differentiated leaves floating, of one dtype;
+        or flax variables; or ``None`` for a module.
     loss
         ``loss(predictions, targets) -> scalar``, a mean over the batch.
 
@@ -53,9 +63,10 @@ class JaxTwiceDifferentiable:
     def __init__(
         self,
         apply_fn: Callable[[Any, Any], Any],
-        params: Any,
+        params: Any | None,
         loss: Callable[[Any, Any], Any],
     ) -> None:
+        apply_fn, params = split_model(apply_fn, params)
         if not callable(apply_fn):
             raise TypeError(
                 f"apply_fn must be callable as apply_fn(params, x), got "
@@ -107,12 +118,12 @@ class JaxTwiceDifferentiable:
 
     @property
     def apply_fn(self) -> Callable[[Any, Any], Any]:
-        """The wrapped apply function."""
+        """The apply function of :attr:`params` (a library model's is built)."""
         return self._apply_fn
 
     @property
     def params(self) -> Any:
-        """The parameter pytree (as passed in)."""
+        """The differentiated parameter pytree (flax variables: their ``params``)."""
         return self._params
 
     @property

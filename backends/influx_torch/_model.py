@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +19,30 @@ __all__ = ["TorchTwiceDifferentiable"]
 #: the Hessian.
 HESSIAN_CHUNK = 256
 
+#: One re-entrant lock per module, shared by every wrapper of that module.
+_MODULE_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module: torch.nn.Module) -> threading.RLock:
+    """The re-entrant lock that serialises influx's calls on ``module``.
+
+    ``torch.func.functional_call`` swaps the module's parameters and buffers
+    in place for the duration of a call, and the evaluation-mode switch sets
+    the modules' ``training`` flags: two threads doing either at once on one
+    module would see each other's tensors and leave plain tensors or the wrong
+    mode behind. Every wrapper of the same module (and every thread) shares
+    this lock, which is held across the mode switch and the functional call.
+    """
+    with _MODULE_LOCKS_GUARD:
+        lock = _MODULE_LOCKS.get(module)
+        if lock is None:
+            lock = threading.RLock()
+            _MODULE_LOCKS[module] = lock
+        return lock
+
 
 class TorchTwiceDifferentiable:
     """A ``torch.nn.Module`` with its loss, differentiable in its parameters.
@@ -29,6 +55,9 @@ class TorchTwiceDifferentiable:
     flags are never touched. Each call runs the module in evaluation mode
     (dropout off, batch-norm on its running statistics) and restores the train
     or eval mode of every submodule afterwards, also when the call raises.
+    Calls from several threads on one module (through one wrapper or several)
+    are serialised by a lock per module (:func:`module_lock`), so each gives
+    the single-threaded result and leaves the module as it was.
 
     Integer (and bool) inputs ``x`` are cast to the parameters' dtype before
     the forward pass, as JAX promotes them in arithmetic, so that a model of
@@ -60,7 +89,10 @@ class TorchTwiceDifferentiable:
             )
         if not callable(loss):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with module_lock(model):  # never read another thread's swapped-in tensors
+            named = list(model.named_parameters())
+            buffers = list(model.named_buffers())
+        trainable = [(n, p) for n, p in named if p.requires_grad]
         if not trainable:
             raise InputError(
                 "model has no parameter with requires_grad=True: there is nothing "
@@ -93,12 +125,8 @@ class TorchTwiceDifferentiable:
         with torch.no_grad():
             self._theta = torch.cat([p.detach().reshape(-1) for _, p in trainable])
         trainable_names = set(self._names)
-        self._constants = {
-            n: p.detach()
-            for n, p in model.named_parameters()
-            if n not in trainable_names
-        }
-        self._constants.update({n: b.detach() for n, b in model.named_buffers()})
+        self._constants = {n: p.detach() for n, p in named if n not in trainable_names}
+        self._constants.update({n: b.detach() for n, b in buffers})
         # Integer inputs of a module without an embedding are numbers, not ids.
         embeddings = (torch.nn.Embedding, torch.nn.EmbeddingBag)
         self._cast_integer_inputs = not any(
@@ -171,7 +199,8 @@ class TorchTwiceDifferentiable:
     def _batch_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
         params = {**self._constants, **self._unflatten(theta)}
         x = self._inputs(x)
-        predictions = functional_call(self._module, params, (x,))
+        with module_lock(self._module):  # re-entrant: held already by callers
+            predictions = functional_call(self._module, params, (x,))
         value = self._loss(predictions, y)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
@@ -253,17 +282,22 @@ class TorchTwiceDifferentiable:
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
-        """Run in eval mode; restore each submodule's own mode afterwards."""
-        modes = [(m, m.training) for m in self._module.modules()]
-        if not any(training for _, training in modes):
-            yield
-            return
-        try:
-            self._module.eval()
-            yield
-        finally:
-            for module, training in modes:
-                module.training = training
+        """Hold the module's lock and run in eval mode; restore the modes after.
+
+        The lock is taken before the modes are read and released after they
+        are restored, so concurrent calls never see another call's eval mode.
+        """
+        with module_lock(self._module):
+            modes = [(m, m.training) for m in self._module.modules()]
+            if not any(training for _, training in modes):
+                yield
+                return
+            try:
+                self._module.eval()
+                yield
+            finally:
+                for module, training in modes:
+                    module.training = training
 
     def __repr__(self) -> str:
         return (

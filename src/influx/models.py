@@ -28,13 +28,20 @@ def twice_differentiable(
     ----------
     model
         A ``torch.nn.Module``, or for JAX an ``apply_fn(params, x) ->
-        predictions`` (a flax ``Module.apply``, an equinox or haiku apply
-        function, or any function of a parameter pytree).
+        predictions`` (a flax ``Module.apply``, a haiku apply function, or any
+        function of a parameter pytree), or an equinox or flax nnx module
+        (with ``params=None``: its floating arrays, or ``nnx.Param`` state, are
+        differentiated; an equinox module is mapped over the batch,
+        ``jax.vmap(module)(x)``, an nnx module runs in evaluation mode).
     loss
         ``loss(predictions, targets) -> scalar``, a mean over the batch.
     params
         The parameter pytree, for frameworks that keep parameters apart from
-        the model (JAX); ``None`` for torch.
+        the model (JAX); ``None`` for torch and for equinox and nnx modules.
+        Of flax variables with collections besides ``"params"``
+        (``"batch_stats"``), only ``variables["params"]`` is differentiated;
+        the others are constants, and ``apply_fn`` must run the model in
+        evaluation mode (no ``mutable=``).
     backend
         A backend name or object, overriding the selection.
 
