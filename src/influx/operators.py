@@ -466,7 +466,7 @@ class HessianOperator(LinearOperator):
                     yield self._sample(item, num_batches, num_samples)
 
     def batch_matvecs(self) -> list[SampleMatvec] | None:
-        """One product per non-empty batch, weighted as :meth:`sample_matvecs`."""
+        """One product per batch (zero for an empty one), weighted as the draws."""
         reader = self.reader
         data = reader.data
         num_samples = reader.num_samples

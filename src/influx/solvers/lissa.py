@@ -480,9 +480,9 @@ def _refuse_indefinite(
     raise InputError(
         "LiSSA needs a positive definite Hessian, but Lanczos estimates its "
         f"smallest eigenvalue at {smallest:.3e} and its largest at {largest:.3e} "
-        "(the true ones lie outside this range). Raise hessian_regularization "
-        f"by more than {max(-smallest, 0.0):.3g} (from {shift:.3g} to above "
-        f"{shift + max(-smallest, 0.0):.3g}), or use method='cg' or 'arnoldi'."
+        "(the true extremes lie at least this far out). Raise "
+        f"hessian_regularization by more than {max(-smallest, 0.0):.3g} (from "
+        f"{shift:.3g} to above {shift + max(-smallest, 0.0):.3g})."
     )
 
 
