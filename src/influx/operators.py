@@ -15,6 +15,7 @@ their size. The arithmetic is written once against the array API
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,6 +104,16 @@ class LinearOperator(abc.ABC):
         """
         while True:
             yield self.mv
+
+    def batch_matvecs(self) -> list[SampleMatvec] | None:
+        """Every distinct product that :meth:`sample_matvecs` can draw.
+
+        Stochastic solvers use these to bound the spectrum of each batch
+        operator ``A_t`` (with the unbiasing weight the draws apply). ``None``
+        when the operator cannot list them; the default lists :meth:`mv` for
+        an operator whose samples are exact.
+        """
+        return [self.mv] if self.samples_per_pass == 1 else None
 
     @property
     def samples_per_pass(self) -> int:
@@ -245,6 +256,12 @@ class ShiftedOperator(_CompositeOperator):
         for sample in self._base.sample_matvecs(rng):
             yield lambda v, sample=sample: sample(v) + self.amount * v
 
+    def batch_matvecs(self) -> list[SampleMatvec] | None:
+        products = self._base.batch_matvecs()
+        if products is None:
+            return None
+        return [lambda v, p=p: p(v) + self.amount * v for p in products]
+
 
 class ScaledOperator(_CompositeOperator):
     """``factor * A``."""
@@ -265,6 +282,12 @@ class ScaledOperator(_CompositeOperator):
     def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
         for sample in self._base.sample_matvecs(rng):
             yield lambda v, sample=sample: self.factor * sample(v)
+
+    def batch_matvecs(self) -> list[SampleMatvec] | None:
+        products = self._base.batch_matvecs()
+        if products is None:
+            return None
+        return [lambda v, p=p: self.factor * p(v) for p in products]
 
 
 class SumOperator(_CompositeOperator):
@@ -295,6 +318,19 @@ class SumOperator(_CompositeOperator):
             strict=False,
         ):
             yield lambda v, a=a, b=b: a(v) + b(v)
+
+    def batch_matvecs(self) -> list[SampleMatvec] | None:
+        # Only when one operand is exact: two sampled operands are drawn
+        # independently, so their pairs are not a short list.
+        first, second = self._base, self.second
+        if second.samples_per_pass > 1:
+            first, second = second, first
+        if second.samples_per_pass > 1:
+            return None
+        products = first.batch_matvecs()
+        if products is None:
+            return None
+        return [lambda v, p=p: p(v) + second.mv(v) for p in products]
 
 
 def split_shift(operator: LinearOperator) -> tuple[LinearOperator, float]:
@@ -432,6 +468,24 @@ class HessianOperator(LinearOperator):
                 item = draw(int(i))
                 if item is not None:
                     yield self._sample(item, num_batches, num_samples)
+
+    def batch_matvecs(self) -> list[SampleMatvec] | None:
+        """One product per batch (zero for an empty one), weighted as the draws."""
+        reader = self.reader
+        data = reader.data
+        num_samples = reader.num_samples
+        if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+            cache = list(reader)  # as sample_matvecs does
+            return [self._sample(item, len(cache), num_samples) for item in cache]
+        num_batches = len(data)
+
+        def product(vectors: Any, i: int) -> Any:
+            prepared = reader.prepare(i, data[i])  # read when applied, not kept
+            if prepared is None:
+                return 0.0 * vectors
+            return self._sample((i, *prepared), num_batches, num_samples)(vectors)
+
+        return [functools.partial(product, i=i) for i in range(num_batches)]
 
     def _sample(
         self, item: tuple[int, Any, Any], num_batches: int, num_samples: int

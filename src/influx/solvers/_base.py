@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,7 +22,9 @@ __all__ = [
     "accumulation_dtype",
     "from_host",
     "initial_guess",
+    "integer_option",
     "numpy_dtype",
+    "real_option",
     "row_norms",
 ]
 
@@ -180,3 +183,51 @@ def initial_guess(value: Any, rhs: Any, operator: LinearOperator, name: str) -> 
 def numpy_dtype(array: Any) -> np.dtype:
     """The numpy dtype matching a native array's dtype (``torch.float32`` ...)."""
     return np.dtype(str(array.dtype).rsplit(".", 1)[-1])
+
+
+def integer_option(
+    value: Any, name: str, *, minimum: int | None = None, optional: bool = False
+) -> int | None:
+    """An integer option as a Python ``int`` (any integral number, not a bool).
+
+    Raises
+    ------
+    TypeError
+        For a bool or a non-integral value.
+    InputError
+        For a value below ``minimum``.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        allowed = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {allowed}, got {value!r}.")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {value}.")
+    return value
+
+
+def real_option(
+    value: Any, name: str, *, minimum: float | None = None, optional: bool = False
+) -> float | None:
+    """A real option as a finite Python ``float`` (any real number, not a bool).
+
+    Raises
+    ------
+    TypeError
+        For a bool or a non-real value.
+    InputError
+        For a value that is not finite or below ``minimum``.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        allowed = "a real number or None" if optional else "a real number"
+        raise TypeError(f"{name} must be {allowed}, got {value!r}.")
+    value = float(value)
+    if not np.isfinite(value):
+        raise InputError(f"{name} must be finite, got {value}.")
+    if minimum is not None and value < minimum:
+        raise InputError(f"{name} must be >= {minimum:g}, got {value:g}.")
+    return value

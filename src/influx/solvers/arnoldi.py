@@ -18,6 +18,8 @@ from influx.solvers._base import (
     Solver,
     accumulation_dtype,
     from_host,
+    integer_option,
+    real_option,
     row_norms,
     to_host,
 )
@@ -115,23 +117,18 @@ class ArnoldiSolver(Solver):
         remainder: str = "floor",
         seed: int | None = 0,
     ) -> None:
-        if not isinstance(rank_estimate, int) or rank_estimate < 1:
-            raise InputError(
-                f"rank_estimate must be a positive int, got {rank_estimate!r}."
-            )
-        if krylov_dimension is not None and (
-            not isinstance(krylov_dimension, int) or krylov_dimension <= rank_estimate
-        ):
+        rank_estimate = integer_option(rank_estimate, "rank_estimate", minimum=1)
+        krylov_dimension = integer_option(
+            krylov_dimension, "krylov_dimension", optional=True
+        )
+        if krylov_dimension is not None and krylov_dimension <= rank_estimate:
             raise InputError(
                 f"krylov_dimension must be an int larger than rank_estimate="
                 f"{rank_estimate}, got {krylov_dimension!r}."
             )
-        if tol is not None and not tol >= 0:
-            raise InputError(f"tol must be >= 0 or None, got {tol!r}.")
-        if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
-            raise InputError(
-                f"max_iter must be a positive int or None, got {max_iter!r}."
-            )
+        tol = real_option(tol, "tol", minimum=0.0, optional=True)
+        max_iter = integer_option(max_iter, "max_iter", minimum=1, optional=True)
+        seed = integer_option(seed, "seed", optional=True)
         if eigensolver not in ("krylov", "arpack"):
             raise InputError(
                 f"eigensolver must be 'krylov' or 'arpack', got {eigensolver!r}."

@@ -10,13 +10,14 @@ from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
 from influx._progress import progress_bar
-from influx.errors import InputError
 from influx.operators import LinearOperator
 from influx.solvers._base import (
     SolveInfo,
     Solver,
     accumulation_dtype,
     initial_guess,
+    integer_option,
+    real_option,
     row_norms,
     to_host,
     warn_if_not_converged,
@@ -82,20 +83,10 @@ class CgSolver(Solver):
         x0: Any = None,
         preconditioner: Preconditioner | str | None = "nystrom",
     ) -> None:
-        if not rtol >= 0 or not atol >= 0:
-            raise InputError(
-                f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}."
-            )
-        if maxiter is not None and (not isinstance(maxiter, int) or maxiter < 1):
-            raise InputError(
-                f"maxiter must be a positive int or None, got {maxiter!r}."
-            )
-        self.rtol, self.atol, self.maxiter, self.x0 = (
-            float(rtol),
-            float(atol),
-            maxiter,
-            x0,
-        )
+        self.rtol = real_option(rtol, "rtol", minimum=0.0)
+        self.atol = real_option(atol, "atol", minimum=0.0)
+        self.maxiter = integer_option(maxiter, "maxiter", minimum=1, optional=True)
+        self.x0 = x0
         self.preconditioner = make_preconditioner(preconditioner)
 
     def init(self, operator: LinearOperator, *, progress: bool = False) -> CgState:

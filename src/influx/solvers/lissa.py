@@ -11,12 +11,15 @@ from array_api_compat import array_namespace
 
 from influx._progress import progress_bar
 from influx.errors import InputError
-from influx.operators import LinearOperator, SampleMatvec
+from influx.operators import LinearOperator, SampleMatvec, split_shift
 from influx.solvers._base import (
     SolveInfo,
     Solver,
     accumulation_dtype,
+    from_host,
     initial_guess,
+    integer_option,
+    real_option,
     row_norms,
     to_host,
     warn_if_not_converged,
@@ -26,7 +29,7 @@ from influx.solvers.preconditioners import (
     Preconditioner,
     make_preconditioner,
 )
-from influx.solvers.spectrum import largest_eigenvalue
+from influx.solvers.spectrum import extreme_eigenvalues, largest_eigenvalue
 
 __all__ = ["LissaSolver"]
 
@@ -34,6 +37,9 @@ __all__ = ["LissaSolver"]
 AUTO_SCALE_FACTOR = 1.5
 #: ``||h_k|| > DIVERGENCE_FACTOR * scale * ||b_k||`` is taken as divergence.
 DIVERGENCE_FACTOR = 1e8
+#: A result with ``||A x - b|| > DIVERGED_RESIDUAL * ||b||`` (worse than
+#: ``x = 0``) is refused as diverged.
+DIVERGED_RESIDUAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class LissaState:
     scale: float
     largest_eigenvalue: float | None
     preconditioner: FittedPreconditioner | None = field(default=None)
+    spectrum: Spectrum | None = field(default=None)
 
 
 class LissaSolver(Solver):
@@ -67,13 +74,25 @@ class LissaSolver(Solver):
       for CG), which takes the large eigenvalues out of the recursion's
       contraction rate.
 
-    ``scale=None`` sets ``scale = 1.5 * lambda_max``, with ``lambda_max`` the
-    largest of the eigenvalues of ``M A`` and of ``M A_t`` for up to
-    ``BATCH_DRAWS`` sampled batches, each estimated by power iteration in
-    :meth:`init`. A single batch's Hessian can have eigenvalues many times
-    those of the average (by up to the number of batches, along directions
-    that few points carry), and a step with such a batch amplifies instead
-    of contracting: the full operator's ``lambda_max`` alone is not enough.
+    ``scale=None`` sets ``scale = 1.5 * lambda``, with ``lambda`` the largest
+    over *every* batch operator ``A_t`` (as drawn, with its unbiasing weight
+    ``num_batches * batch_size / N``) of an estimate of ``lambda_max(M A_t)``.
+    A single batch's Hessian can have eigenvalues many times those of the
+    average (one high-leverage point), and a step with such a batch amplifies
+    instead of contracting, so :meth:`init` runs Lanczos on all batch
+    operators at once, one vector each (each step one pass over the data, at
+    most ``BATCH_STEPS``), and takes each Ritz value plus its residual. A step
+    is stable while ``lambda_max(M A_t) < 2 * scale``: three times the
+    estimate, the margin for its underestimation. Before that, a short
+    Lanczos on ``A`` itself (at most ``HESSIAN_STEPS`` passes) estimates its
+    smallest and largest eigenvalues, and an ``A`` shown to be indefinite is
+    refused with the regularization that fixes it.
+
+    Every run checks the result: ``||A x - b|| > ||b||`` (worse than
+    ``x = 0``), or iterates that grow without bound, raise an
+    :class:`~influx.InputError` stating the scale, the step, the measured
+    eigenvalues and a fix that fits the settings; a run that only converges
+    slowly warns (:class:`~influx.NotConvergedWarning`).
 
     ``variance_reduction=False`` and ``preconditioner=None`` give the plain
     recursion; since a noisy recursion fluctuates around its fixed point, it
@@ -119,16 +138,16 @@ class LissaSolver(Solver):
         variance_reduction: bool = True,
         preconditioner: Preconditioner | str | None = "nystrom",
     ) -> None:
-        if not isinstance(maxiter, int) or maxiter < 1:
-            raise InputError(f"maxiter must be a positive int, got {maxiter!r}.")
-        if not 0.0 <= dampen < 1.0:
+        self.maxiter = integer_option(maxiter, "maxiter", minimum=1)
+        self.dampen = real_option(dampen, "dampen", minimum=0.0)
+        if not self.dampen < 1.0:
             raise InputError(f"dampen must be in [0, 1), got {dampen!r}.")
-        if scale is not None and not scale > 0:
+        self.scale = real_option(scale, "scale", optional=True)
+        if self.scale is not None and not self.scale > 0:
             raise InputError(f"scale must be positive or None, got {scale!r}.")
-        if not rtol >= 0:
-            raise InputError(f"rtol must be >= 0, got {rtol!r}.")
-        self.maxiter, self.dampen, self.scale = maxiter, float(dampen), scale
-        self.h0, self.rtol, self.seed = h0, float(rtol), seed
+        self.rtol = real_option(rtol, "rtol", minimum=0.0)
+        self.h0 = h0
+        self.seed = integer_option(seed, "seed", optional=True)
         self.variance_reduction = bool(variance_reduction)
         self.preconditioner = make_preconditioner(preconditioner)
 
@@ -139,15 +158,9 @@ class LissaSolver(Solver):
             fitted = self.preconditioner.fit(operator, dtype, progress=progress)
         if self.scale is not None:
             return LissaState(operator, float(self.scale), None, fitted)
-        lam = _largest_eigenvalue(operator, fitted, self.seed, progress)
-        if operator.samples_per_pass > 1:
-            lam = max(lam, _largest_batch_eigenvalue(operator, fitted, self.seed))
-        if not lam > 0:
-            raise InputError(
-                f"LiSSA needs a positive definite Hessian, but its largest eigenvalue "
-                f"is {lam:.3e}: raise hessian_regularization."
-            )
-        return LissaState(operator, AUTO_SCALE_FACTOR * lam, lam, fitted)
+        spectrum = _measure_spectrum(operator, fitted, self.seed, progress)
+        lam = spectrum.step_eigenvalue
+        return LissaState(operator, AUTO_SCALE_FACTOR * lam, lam, fitted, spectrum)
 
     def solve(
         self, state: LissaState, rhs: Any, *, progress: bool = False
@@ -162,7 +175,9 @@ class LissaSolver(Solver):
         precondition = (
             state.preconditioner.apply if state.preconditioner is not None else None
         )
-        recursion = _Recursion(op, b, scale, self.dampen, precondition, b_norms)
+        recursion = _Recursion(
+            op, b, scale, self.dampen, precondition, b_norms, self._diagnosis(state)
+        )
         samples = op.sample_matvecs(rng)
         reduce_variance = self.variance_reduction and op.samples_per_pass > 1
         with progress_bar(progress, "LiSSA", total=self.maxiter) as bar:
@@ -172,11 +187,20 @@ class LissaSolver(Solver):
                 h, change, steps = self._plain(recursion, h, samples, bar)
         x = h / scale
         residual = op.mv(x) - b
+        residual_norms = to_host(row_norms(residual), op)
+        relative = residual_norms / np.where(b_norms > 0, b_norms, 1.0)
+        if np.any(relative > DIVERGED_RESIDUAL):
+            raise InputError(
+                f"LiSSA diverged: after {steps} steps the relative residual "
+                f"||A x - b|| / ||b|| is {float(relative.max()):.2e} for "
+                f"{int((relative > DIVERGED_RESIDUAL).sum())} of {k} right-hand "
+                "sides (above 1: worse than x = 0). " + recursion.diagnosis
+            )
         converged = change < self.rtol
         info = SolveInfo(
             method=self.name,
             iterations=np.full(k, steps, dtype=np.int64),
-            residual_norms=to_host(row_norms(residual), op),
+            residual_norms=residual_norms,
             rhs_norms=b_norms,
             converged=converged,
             message=""
@@ -184,12 +208,14 @@ class LissaSolver(Solver):
             else (
                 f"the relative change of {int((~converged).sum())} of {k} columns "
                 f"stayed above rtol={self.rtol:g} after maxiter={self.maxiter} steps "
-                f"(max {float(change.max()):.2e}): raise maxiter, or raise rtol; a "
-                "smaller scale converges faster but may diverge."
+                f"(max {float(change.max()):.2e}; relative residual up to "
+                f"{float(relative.max()):.2e}): raise maxiter, or raise rtol. "
+                + self._slow_hint(state)
             ),
             extra={
                 "scale": scale,
                 "largest_eigenvalue": state.largest_eigenvalue,
+                "spectrum": state.spectrum,
                 "relative_change": change,
                 "variance_reduction": reduce_variance,
                 "preconditioner": getattr(self.preconditioner, "name", None),
@@ -197,6 +223,47 @@ class LissaSolver(Solver):
         )
         warn_if_not_converged(info)
         return xp.astype(x, rhs.dtype), info
+
+    def _diagnosis(self, state: LissaState) -> str:
+        """What was measured and chosen, and the fix that fits these settings."""
+        scale, spectrum = state.scale, state.spectrum
+        chosen = (
+            f"scale={scale:.3e} (given; step 1/scale={1 / scale:.3e})"
+            if spectrum is None
+            else f"scale={scale:.3e} (step 1/scale={1 / scale:.3e}), chosen as "
+            f"{AUTO_SCALE_FACTOR:g} x {spectrum.describe()}"
+        )
+        text = (
+            f"Measured: {chosen}; dampen={self.dampen:g}, variance_reduction="
+            f"{self.variance_reduction}, preconditioner="
+            f"{getattr(self.preconditioner, 'name', None)!r}. "
+        )
+        if spectrum is None:
+            return text + (
+                "The recursion contracts only when scale is above half the "
+                "largest eigenvalue of every batch's Hessian (of M A_t with a "
+                "preconditioner M): leave scale=None to estimate it for every "
+                "batch, or raise scale; if the Hessian is not positive definite, "
+                "raise hessian_regularization."
+            )
+        return text + (
+            "The Hessian may not be positive definite (a negative eigenvalue the "
+            "estimate missed, or batches with negative curvature): raise "
+            "hessian_regularization; or pass a larger scale, e.g. "
+            f"scale={10 * scale:.3g}."
+        )
+
+    def _slow_hint(self, state: LissaState) -> str:
+        if state.spectrum is None:
+            return (
+                f"A smaller scale (now {state.scale:.3e}) converges faster, but "
+                "diverges below half the largest eigenvalue of a batch's Hessian."
+            )
+        return (
+            f"scale={state.scale:.3e} was chosen as {AUTO_SCALE_FACTOR:g} x "
+            f"{state.spectrum.describe()}; below half that eigenvalue the "
+            "recursion diverges."
+        )
 
     def _plain(
         self, recursion: _Recursion, h: Any, samples: Iterator[SampleMatvec], bar: Any
@@ -262,6 +329,7 @@ class _Recursion:
     dampen: float
     precondition: Callable[[Any], Any] | None
     b_norms: np.ndarray
+    diagnosis: str
 
     def step(self, h: Any, product: Any, steps: int) -> Any:
         update = self.b - self.dampen * h - product / self.scale
@@ -275,11 +343,11 @@ class _Recursion:
             * np.where(self.b_norms > 0, self.b_norms, 1.0)
         )
         if not np.all(sizes < limit):
+            ratio = float(np.nanmax(sizes / limit)) * DIVERGENCE_FACTOR
             raise InputError(
-                f"LiSSA diverged at step {steps} (scale={self.scale:.3e}, "
-                f"dampen={self.dampen:g}): the Hessian may not be positive "
-                "definite. Raise hessian_regularization, raise scale or "
-                "dampen, or leave scale=None to choose one."
+                f"LiSSA diverged at step {steps}: ||h|| grew to {ratio:.2e} "
+                f"times scale * ||b|| (the limit is {DIVERGENCE_FACTOR:.0e}). "
+                + self.diagnosis
             )
         return h_new
 
@@ -289,36 +357,192 @@ class _Recursion:
         return np.where(size > 0, diff / np.where(size > 0, size, 1.0), 0.0)
 
 
-def _largest_eigenvalue(
+#: Lanczos steps at most for the extreme eigenvalues of the whole Hessian.
+HESSIAN_STEPS = 30
+#: Lanczos steps at most for the largest eigenvalue of each batch operator.
+BATCH_STEPS = 20
+#: Numbers (rows times P) in one stack of batch vectors; more batches than
+#: fit are estimated a group at a time.
+GROUP_NUMBERS = 2**22
+#: A smallest Ritz value below ``-NEGATIVE_TOL * largest`` proves the Hessian
+#: is not positive definite.
+NEGATIVE_TOL = 1e-8
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """What :meth:`LissaSolver.init` measured to choose the scale.
+
+    Attributes
+    ----------
+    smallest, largest
+        Lanczos estimates of the extreme eigenvalues of ``A`` (Ritz values:
+        ``lambda_min <= smallest`` and ``largest <= lambda_max``).
+    step_eigenvalue
+        The largest over the batch operators ``t`` of the estimate of
+        ``lambda_max(M A_t)`` plus its Ritz residual (``M = I`` without a
+        preconditioner); ``scale`` is ``AUTO_SCALE_FACTOR`` times this.
+    batch
+        The batch it came from (``None`` when the operator is not sampled).
+    num_batches
+        Batch operators estimated.
+    preconditioned
+        Whether ``M`` is a preconditioner.
+    passes
+        Products with the operator this cost, in passes over the data.
+    """
+
+    smallest: float
+    largest: float
+    step_eigenvalue: float
+    batch: int | None
+    num_batches: int
+    preconditioned: bool
+    passes: float
+
+    def describe(self) -> str:
+        """One phrase: the eigenvalue behind the scale, and the Hessian's."""
+        target = "M A_t" if self.preconditioned else "A_t"
+        where = (
+            "the Hessian"
+            if self.batch is None
+            else f"{target} over the {self.num_batches} batch operators (batch "
+            f"{self.batch})"
+        )
+        return (
+            f"{self.step_eigenvalue:.3e}, the largest eigenvalue estimate of {where}; "
+            f"the Hessian's eigenvalue estimates lie in [{self.smallest:.3e}, "
+            f"{self.largest:.3e}]"
+        )
+
+
+def _measure_spectrum(
     operator: LinearOperator,
     preconditioner: FittedPreconditioner | None,
     seed: int | None,
     progress: bool,
-) -> float:
-    """``lambda_max(A)``, or ``lambda_max(M A)`` with a preconditioner."""
-    target = _Preconditioned(operator, operator.mv, preconditioner)
-    return largest_eigenvalue(target, seed=seed, progress=progress)
+) -> Spectrum:
+    """Extremes of ``A`` (to refuse an indefinite one) and the step's bound.
+
+    The step ``1 / scale`` must be safe for every batch the recursion can
+    draw, so ``lambda_max(M A_t)`` is estimated for every batch operator
+    ``A_t`` (with its unbiasing weight), by Lanczos on all of them at once,
+    one vector each: every step costs one product per batch, one pass over
+    the data. The largest of them bounds ``lambda_max(M A)`` too, since
+    ``A`` is the mean of the ``A_t``.
+    """
+    rng = np.random.default_rng(seed)
+    like = _accumulation_like(operator)
+    with progress_bar(progress, "LiSSA scale", total=None) as bar:
+        start = from_host(rng.standard_normal((1, operator.size)), like, operator)
+        whole = extreme_eigenvalues(
+            operator.mv, start, operator, maxiter=HESSIAN_STEPS, rtol=1e-3
+        )
+        bar.update(whole.steps)
+        smallest, largest = float(whole.smallest[0]), float(whole.largest[0])
+        _refuse_indefinite(operator, smallest, largest)
+        products = operator.batch_matvecs()
+        if products is None:  # a custom operator: a pass of sampled draws
+            draws = operator.sample_matvecs(np.random.default_rng(rng.integers(2**32)))
+            products = [next(draws) for _ in range(operator.samples_per_pass)]
+        passes = float(whole.steps)
+        if len(products) == 1 and preconditioner is None:
+            estimates = whole.largest + whole.largest_error
+        else:
+            estimates, batch_passes = _batch_largest(
+                operator, products, preconditioner, rng, like
+            )
+            passes += batch_passes
+    batch = int(np.argmax(estimates))
+    return Spectrum(
+        smallest=smallest,
+        largest=largest,
+        step_eigenvalue=float(estimates[batch]),
+        batch=None if operator.samples_per_pass == 1 else batch,
+        num_batches=len(products),
+        preconditioned=preconditioner is not None,
+        passes=passes,
+    )
 
 
-#: Batches whose largest eigenvalue :meth:`LissaSolver.init` estimates.
-BATCH_DRAWS = 8
+def _accumulation_like(operator: LinearOperator) -> Any:
+    xp = array_namespace(operator.like)
+    return xp.astype(operator.like, accumulation_dtype(operator.like))
 
 
-def _largest_batch_eigenvalue(
+def _refuse_indefinite(
+    operator: LinearOperator, smallest: float, largest: float
+) -> None:
+    """Raise when the Ritz values prove ``A`` is not positive definite."""
+    if largest > 0 and smallest >= -NEGATIVE_TOL * largest:
+        return
+    _, shift = split_shift(operator)
+    raise InputError(
+        "LiSSA needs a positive definite Hessian, but Lanczos estimates its "
+        f"smallest eigenvalue at {smallest:.3e} and its largest at {largest:.3e} "
+        "(the true extremes lie at least this far out). Raise "
+        f"hessian_regularization by more than {max(-smallest, 0.0):.3g} (from "
+        f"{shift:.3g} to above {shift + max(-smallest, 0.0):.3g})."
+    )
+
+
+def _batch_largest(
     operator: LinearOperator,
+    products: list[SampleMatvec],
     preconditioner: FittedPreconditioner | None,
-    seed: int | None,
-) -> float:
-    """Largest ``lambda_max(M A_t)`` over a few sampled batch operators."""
-    rng = np.random.default_rng(None if seed is None else seed + 1)
-    samples = operator.sample_matvecs(rng)
-    draws = min(operator.samples_per_pass, BATCH_DRAWS)
-    largest = 0.0
-    for _ in range(draws):
-        batch = _Preconditioned(operator, next(samples), preconditioner)
-        estimate = largest_eigenvalue(batch, maxiter=30, rtol=1e-2, seed=seed)
-        largest = max(largest, estimate)
-    return largest
+    rng: np.random.Generator,
+    like: Any,
+) -> tuple[np.ndarray, float]:
+    """``[S]`` upper estimates of ``lambda_max(M A_t)``, and the passes spent."""
+    sqrt = _sqrt_of(preconditioner)
+    if preconditioner is not None and sqrt is None:
+        # No M^(1/2): power iteration on the non-symmetric M A_t, batch by batch.
+        estimates = [
+            largest_eigenvalue(
+                _Preconditioned(operator, product, preconditioner),
+                maxiter=30,
+                rtol=1e-2,
+                seed=int(rng.integers(2**32)),
+            )
+            for product in products
+        ]
+        return np.asarray(estimates), 30.0
+    xp = array_namespace(like)
+    group = max(1, min(len(products), GROUP_NUMBERS // max(operator.size, 1)))
+    estimates, passes = [], 0.0
+    for first in range(0, len(products), group):
+        chunk = products[first : first + group]
+
+        def apply(vectors: Any, chunk: list[SampleMatvec] = chunk) -> Any:
+            if sqrt is not None:
+                vectors = sqrt(vectors)
+            rows = [p(vectors[i : i + 1]) for i, p in enumerate(chunk)]
+            image = xp.concat(rows, axis=0)
+            return image if sqrt is None else sqrt(image)
+
+        start = rng.standard_normal((len(chunk), operator.size))
+        found = extreme_eigenvalues(
+            apply,
+            from_host(start, like, operator),
+            operator,
+            maxiter=BATCH_STEPS,
+            rtol=1e-2,
+            both=False,
+        )
+        estimates.append(found.largest + found.largest_error)
+        passes += found.steps * len(chunk) / len(products)
+    return np.concatenate(estimates), passes
+
+
+def _sqrt_of(
+    preconditioner: FittedPreconditioner | None,
+) -> Callable[[Any], Any] | None:
+    """``M^(1/2)`` if the preconditioner offers it."""
+    if preconditioner is None:
+        return None
+    if type(preconditioner).apply_sqrt is FittedPreconditioner.apply_sqrt:
+        return None
+    return preconditioner.apply_sqrt
 
 
 class _Preconditioned(LinearOperator):

@@ -19,7 +19,12 @@ from array_api_compat import array_namespace
 
 from influx.errors import InputError
 from influx.operators import LinearOperator, split_shift
-from influx.solvers._base import from_host, numpy_dtype, to_host
+from influx.solvers._base import (
+    from_host,
+    integer_option,
+    numpy_dtype,
+    to_host,
+)
 
 __all__ = [
     "FittedPreconditioner",
@@ -35,6 +40,14 @@ class FittedPreconditioner(abc.ABC):
     @abc.abstractmethod
     def apply(self, residuals: Any) -> Any:
         """``[K, P] -> [K, P]``, in the dtype of ``residuals``."""
+
+    def apply_sqrt(self, residuals: Any) -> Any:
+        """``M^(1/2) R`` row-wise, for the symmetric ``M^(1/2) A M^(1/2)``.
+
+        Optional: LiSSA uses it to estimate the eigenvalues of ``M A`` by
+        Lanczos, and falls back to power iteration where it is missing.
+        """
+        raise NotImplementedError
 
 
 class Preconditioner(abc.ABC):
@@ -71,6 +84,14 @@ class _LowRankPlusIdentity(FittedPreconditioner):
         scaled = coefficients * (self.floor / (eigenvalues + self.shift))
         return residuals + (scaled - coefficients) @ vectors
 
+    def apply_sqrt(self, residuals: Any) -> Any:
+        xp = array_namespace(residuals)
+        vectors = xp.astype(self.vectors, residuals.dtype)
+        eigenvalues = xp.astype(self.eigenvalues, residuals.dtype)
+        coefficients = residuals @ vectors.T
+        scaled = coefficients * xp.sqrt(self.floor / (eigenvalues + self.shift))
+        return residuals + (scaled - coefficients) @ vectors
+
 
 class NystromPreconditioner(Preconditioner):
     """Randomised Nyström preconditioner (Frangella, Tropp and Udell, 2023).
@@ -99,9 +120,8 @@ class NystromPreconditioner(Preconditioner):
     name = "nystrom"
 
     def __init__(self, rank: int = 100, seed: int | None = 0) -> None:
-        if not isinstance(rank, int) or rank < 1:
-            raise InputError(f"rank must be a positive int, got {rank!r}.")
-        self.rank, self.seed = rank, seed
+        self.rank = integer_option(rank, "rank", minimum=1)
+        self.seed = integer_option(seed, "seed", optional=True)
 
     def fit(
         self, operator: LinearOperator, dtype: Any, *, progress: bool = False
