@@ -12,6 +12,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
+from influx._memory import check_dense_fits
 from influx.errors import InputError, NotConvergedWarning
 from influx.operators import LinearOperator
 
@@ -19,10 +20,12 @@ __all__ = [
     "SolveInfo",
     "Solver",
     "accumulation_dtype",
+    "dense_matrix",
     "from_host",
     "initial_guess",
     "numpy_dtype",
     "row_norms",
+    "working_dtype",
 ]
 
 
@@ -180,3 +183,33 @@ def initial_guess(value: Any, rhs: Any, operator: LinearOperator, name: str) -> 
 def numpy_dtype(array: Any) -> np.dtype:
     """The numpy dtype matching a native array's dtype (``torch.float32`` ...)."""
     return np.dtype(str(array.dtype).rsplit(".", 1)[-1])
+
+
+def working_dtype(like: Any) -> Any:
+    """``like``'s dtype, or float32 when that is narrower (float16, bfloat16).
+
+    Dense linear algebra (Cholesky, eigh) is not implemented for half
+    precision on every backend and loses too much accuracy in it.
+    """
+    xp = array_namespace(like)
+    if xp.finfo(like.dtype).bits < 32:
+        return xp.float32
+    return like.dtype
+
+
+def dense_matrix(operator: LinearOperator, progress: bool = False) -> Any:
+    """The operator as ``[P, P]`` in :func:`working_dtype` of its arrays.
+
+    A half-precision operator is applied to the float32 identity, so that its
+    products are accumulated in float32; any other one is materialised by its
+    own :meth:`~influx.operators.LinearOperator.to_dense`.
+    """
+    xp = array_namespace(operator.like)
+    dtype = working_dtype(operator.like)
+    if dtype == operator.dtype:
+        return operator.to_dense(progress)
+    check_dense_fits(operator.size, xp.finfo(dtype).bits // 8, 3, "the Hessian")
+    eye = xp.eye(operator.size, dtype=dtype, device=array_device(operator.like))
+    chunk = 256
+    rows = [operator.mv(eye[i : i + chunk]) for i in range(0, operator.size, chunk)]
+    return xp.concat(rows, axis=0).T
