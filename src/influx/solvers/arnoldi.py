@@ -243,9 +243,7 @@ class ArnoldiSolver(Solver):
 
             def matmat(block: np.ndarray) -> np.ndarray:
                 columns = np.asarray(block, dtype=np.float64).reshape(size, -1)
-                image = operator.mv(
-                    _stored(columns.T, operator)
-                )
+                image = operator.mv(_stored(columns.T, operator))
                 counter[0] += columns.shape[1]
                 bar.update(columns.shape[1])
                 return to_host(image, operator).T

@@ -101,9 +101,10 @@ class DirectSolver(Solver):
         safe = xp.where(keep, eigenvalues, xp.ones_like(eigenvalues))
         inverted = xp.where(keep, 1.0 / safe, xp.zeros_like(eigenvalues))
         floor = max(-smallest, 0.0) + largest * 1e-6
+        top = float(eigenvalues[-1])
         warnings.warn(
             f"The regularised Hessian is not positive definite, or numerically "
-            f"singular (eigenvalues from {smallest:.3e} to {float(eigenvalues[-1]):.3e})"
+            f"singular (eigenvalues from {smallest:.3e} to {top:.3e})"
             f"; the direct solve falls back to an eigendecomposition and inverts the "
             f"eigenvalues above {cutoff:.3e} in magnitude (a pseudo-inverse). Raise "
             f"hessian_regularization to {floor:.3e} or more for a positive-definite "
