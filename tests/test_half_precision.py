@@ -9,7 +9,12 @@ for bfloat16 (8-bit mantissa, measured ~1e-2); a tiny linear regression with
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,3 +92,46 @@ def test_bfloat16_to_numpy_is_float32(backend_name: str) -> None:
     model = _wrap(backend_name, "bfloat16")
     host = model.backend.to_numpy(model.parameters)
     assert host.dtype == np.float32
+
+
+NO_X64_SCRIPT = """
+import json, sys, warnings
+sys.path.insert(0, {tests!r})
+import jax
+assert not jax.config.jax_enable_x64
+import numpy as np
+import influx
+from test_half_precision import METHODS, _data, _host, _wrap
+
+errors = {{}}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", influx.NotConvergedWarning)
+    for method, options in METHODS[1:3] + METHODS[4:5]:  # cg, lissa, krylov
+        kwargs = dict(inversion_method=method, hessian_regularization=0.5, **options)
+        model = _wrap("jax", "float32")
+        reference = _host(influx.compute_influences(model, _data(), **kwargs))
+        for dtype in ("float16", "bfloat16"):
+            result = influx.compute_influences(_wrap("jax", dtype), _data(), **kwargs)
+            assert str(result.dtype) == dtype, result.dtype
+            error = np.abs(_host(result) - reference).max() / np.abs(reference).max()
+            errors[method + "-" + dtype] = float(error)
+print(json.dumps(errors))
+"""
+
+
+def test_jax_half_precision_without_x64() -> None:
+    # Without float64, CG, LiSSA and block Krylov accumulate in float32.
+    pytest.importorskip("jax")
+    tests = str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_X64_SCRIPT.format(tests=tests)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_ENABLE_X64": "0"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == 6
+    for name, error in errors.items():
+        assert error < TOLERANCE[name.rsplit("-", 1)[1]], (name, error)

@@ -127,10 +127,11 @@ def row_norms(array: Any) -> Any:
 
 
 def accumulation_dtype(like: Any) -> Any:
-    """float64 where the namespace and device support it, else ``like``'s dtype.
+    """float64 where the namespace and device support it, else float32 or wider.
 
     JAX without ``jax_enable_x64`` and some accelerators have no float64; there
-    the solver accumulates in the model's own dtype.
+    the solver accumulates in the model's own dtype, or in float32 for a
+    half-precision model (:func:`working_dtype`).
     """
     xp = array_namespace(like)
     if like.dtype == xp.float64:
@@ -140,8 +141,8 @@ def accumulation_dtype(like: Any) -> Any:
             warnings.simplefilter("ignore")
             probe = xp.zeros(1, dtype=xp.float64, device=array_device(like))
     except (TypeError, RuntimeError, ValueError):
-        return like.dtype
-    return xp.float64 if probe.dtype == xp.float64 else like.dtype
+        return working_dtype(like)
+    return xp.float64 if probe.dtype == xp.float64 else working_dtype(like)
 
 
 def warn_if_not_converged(info: SolveInfo) -> None:
