@@ -53,8 +53,15 @@ class JaxBackend:
         return array
 
     def to_numpy(self, array: Any) -> np.ndarray:
-        """A host numpy copy of a JAX array."""
-        return np.asarray(jax.device_get(array))
+        """A host numpy copy of a JAX array; bfloat16 comes back as float32.
+
+        numpy has no bfloat16 of its own (as on torch), and float32 holds every
+        bfloat16 exactly.
+        """
+        host = np.asarray(jax.device_get(array))
+        if host.dtype.name == "bfloat16":
+            return host.astype(np.float32)
+        return host
 
     def twice_differentiable(
         self, model: Any, loss: Callable[[Any, Any], Any], *, params: Any = None

@@ -44,8 +44,14 @@ class TorchBackend:
         return tensor.to(device=like.device, dtype=dtype)
 
     def to_numpy(self, array: Any) -> np.ndarray:
-        """A host numpy copy of a tensor."""
-        return array.detach().cpu().numpy()
+        """A host numpy copy of a tensor; bfloat16 comes back as float32.
+
+        numpy has no bfloat16, and float32 holds every bfloat16 exactly.
+        """
+        tensor = array.detach()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        return tensor.cpu().numpy()
 
     def twice_differentiable(
         self, model: Any, loss: Callable[[Any, Any], Any], *, params: Any = None

@@ -23,6 +23,7 @@ from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
 from influx._loss_check import LossConventionCheck
+from influx._output import BlockSink, check_out_up_front
 from influx._progress import progress_iter
 from influx.backends import check_model_backend
 from influx.data import DataReader
@@ -36,6 +37,7 @@ from influx.methods import (
 from influx.operators import HessianOperator
 from influx.protocols import TwiceDifferentiable
 from influx.solvers import make_solver
+from influx.solvers._base import working_dtype
 
 __all__ = [
     "compute_influence_factors",
@@ -221,11 +223,21 @@ def _influences(
     _check_model(model)
     factors = _check_factors(model, influence_factors)
     reader = DataReader(data, name, model.backend, model.parameters, ordered=True)
-    sink = _BlockSink(model, factors, out)
+    rows = int(factors.shape[0])
+    check_out_up_front(out, kind is InfluenceType.Up, reader.source, rows=rows)
+    sink = BlockSink(model, rows, out)
     if kind is InfluenceType.Up:
         desc = "Up-weighting influences"
+        # Half-precision models: the dot products over P run in float32.
+        xp = array_namespace(factors)
+        wide = working_dtype(factors)
+        wide_factors = factors if wide == factors.dtype else xp.astype(factors, wide)
         for grads in _gradients(model, reader, progress, desc):
-            sink.add(factors @ grads.T)
+            if wide == factors.dtype:
+                sink.add(factors @ grads.T)
+            else:
+                block = wide_factors @ xp.astype(grads, wide).T
+                sink.add(xp.astype(block, factors.dtype))
     else:
         batches = progress_iter(
             reader, progress, "Perturbation influences", total=reader.num_batches
@@ -237,52 +249,6 @@ def _influences(
             ensure_finite(block, f"{name} batch {index}: the perturbation influence")
             sink.add(block)
     return sink.result()
-
-
-class _BlockSink:
-    """Collects result blocks along axis 1, in memory or into ``out``."""
-
-    def __init__(self, model: TwiceDifferentiable, factors: Any, out: Any) -> None:
-        self.model, self.out = model, out
-        self.blocks: list[Any] = []
-        self.filled = 0
-        self.rows = int(factors.shape[0])
-        if out is not None:
-            _check_out_type(out)
-            shape = out.shape
-            if len(shape) < 2 or int(shape[0]) != self.rows:
-                raise InputError(
-                    f"out must have shape [N_test, M, ...] with N_test={self.rows} "
-                    f"(the number of influence factors), got {tuple(shape)}."
-                )
-
-    def add(self, block: Any) -> None:
-        if self.out is None:
-            self.blocks.append(block)
-            return
-        width = int(block.shape[1])
-        stop = self.filled + width
-        if stop > int(self.out.shape[1]) or (
-            tuple(self.out.shape[2:]) != tuple(block.shape[2:])
-        ):
-            raise InputError(
-                f"out has shape {tuple(self.out.shape)}, too small for the "
-                f"result: columns {self.filled}:{stop} of a block of shape "
-                f"{tuple(block.shape)}. Allocate [N_test, M, *S] for all M "
-                "input points."
-            )
-        self.out[:, self.filled : stop] = self.model.backend.to_numpy(block)
-        self.filled = stop
-
-    def result(self) -> Any:
-        if self.out is None:
-            return array_namespace(self.blocks[0]).concat(self.blocks, axis=1)
-        if self.filled != int(self.out.shape[1]):
-            raise InputError(
-                f"out has {int(self.out.shape[1])} columns but the data had "
-                f"{self.filled} points: allocate out with M={self.filled}."
-            )
-        return self.out
 
 
 def compute_influences(
@@ -347,13 +313,18 @@ def compute_influences(
     hessian_regularization = _resolve_regularization(
         hessian_regularization, hessian_perturbation
     )
-    _check_out_type(out)
     if "return_info" in kwargs:
         raise TypeError(
             "return_info is an argument of compute_influence_factors, not of "
             "compute_influences: call compute_influence_factors(..., "
             "return_info=True) for the solver's info."
         )
+    check_out_up_front(
+        out,
+        kind is InfluenceType.Up,
+        training_data if input_data is None else input_data,
+        test_data=training_data if test_data is None else test_data,
+    )
     factors = compute_influence_factors(
         differentiable_model,
         training_data,
@@ -396,16 +367,6 @@ def _check_model(model: Any) -> None:
             "influx.twice_differentiable(model, loss) (or params=... for JAX)."
         )
     check_model_backend(model)
-
-
-def _check_out_type(out: Any) -> None:
-    if out is None:
-        return
-    if getattr(out, "shape", None) is None or not hasattr(out, "__setitem__"):
-        raise TypeError(
-            f"out must be a writable array such as a numpy array, a numpy.memmap "
-            f"or a zarr array, got {type(out).__name__}."
-        )
 
 
 def _resolve_regularization(regularization: Any, perturbation: Any) -> float:

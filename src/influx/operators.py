@@ -25,6 +25,7 @@ from array_api_compat import device as array_device
 
 from influx._checks import ensure_finite, evaluate
 from influx._loss_check import LossConventionCheck
+from influx._memory import check_dense_fits
 from influx._progress import progress_iter
 from influx.data import DataReader
 from influx.errors import InputError
@@ -92,6 +93,8 @@ class LinearOperator(abc.ABC):
         The default applies :meth:`mv` to the identity, 256 columns at a time.
         """
         xp = array_namespace(self.like)
+        itemsize = xp.finfo(self.dtype).bits // 8
+        check_dense_fits(self.size, itemsize, 3, "materialising the Hessian")
         eye = xp.eye(self.size, dtype=self.dtype, device=array_device(self.like))
         chunk = 256
         rows = [self.mv(eye[i : i + chunk]) for i in range(0, self.size, chunk)]
@@ -415,6 +418,8 @@ class HessianOperator(LinearOperator):
     def to_dense(self, progress: bool | None = None) -> Any:
         show = self.progress if progress is None else progress
         name = self.reader.name
+        itemsize = array_namespace(self.like).finfo(self.dtype).bits // 8
+        check_dense_fits(self.size, itemsize, 3, "materialising the Hessian")
         total, count = None, 0
         batches = progress_iter(
             self.reader, show, "Hessian", total=self.reader.num_batches

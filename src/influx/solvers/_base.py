@@ -13,6 +13,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
+from influx._memory import check_dense_fits
 from influx.errors import InputError, NotConvergedWarning
 from influx.operators import LinearOperator
 
@@ -20,12 +21,14 @@ __all__ = [
     "SolveInfo",
     "Solver",
     "accumulation_dtype",
+    "dense_matrix",
     "from_host",
     "initial_guess",
     "integer_option",
     "numpy_dtype",
     "real_option",
     "row_norms",
+    "working_dtype",
 ]
 
 
@@ -127,10 +130,11 @@ def row_norms(array: Any) -> Any:
 
 
 def accumulation_dtype(like: Any) -> Any:
-    """float64 where the namespace and device support it, else ``like``'s dtype.
+    """float64 where the namespace and device support it, else float32 or wider.
 
     JAX without ``jax_enable_x64`` and some accelerators have no float64; there
-    the solver accumulates in the model's own dtype.
+    the solver accumulates in the model's own dtype, or in float32 for a
+    half-precision model (:func:`working_dtype`).
     """
     xp = array_namespace(like)
     if like.dtype == xp.float64:
@@ -140,8 +144,8 @@ def accumulation_dtype(like: Any) -> Any:
             warnings.simplefilter("ignore")
             probe = xp.zeros(1, dtype=xp.float64, device=array_device(like))
     except (TypeError, RuntimeError, ValueError):
-        return like.dtype
-    return xp.float64 if probe.dtype == xp.float64 else like.dtype
+        return working_dtype(like)
+    return xp.float64 if probe.dtype == xp.float64 else working_dtype(like)
 
 
 def warn_if_not_converged(info: SolveInfo) -> None:
@@ -231,3 +235,33 @@ def real_option(
     if minimum is not None and value < minimum:
         raise InputError(f"{name} must be >= {minimum:g}, got {value:g}.")
     return value
+
+
+def working_dtype(like: Any) -> Any:
+    """``like``'s dtype, or float32 when that is narrower (float16, bfloat16).
+
+    Dense linear algebra (Cholesky, eigh) is not implemented for half
+    precision on every backend and loses too much accuracy in it.
+    """
+    xp = array_namespace(like)
+    if xp.finfo(like.dtype).bits < 32:
+        return xp.float32
+    return like.dtype
+
+
+def dense_matrix(operator: LinearOperator, progress: bool = False) -> Any:
+    """The operator as ``[P, P]`` in :func:`working_dtype` of its arrays.
+
+    A half-precision operator is applied to the float32 identity, so that its
+    products are accumulated in float32; any other one is materialised by its
+    own :meth:`~influx.operators.LinearOperator.to_dense`.
+    """
+    xp = array_namespace(operator.like)
+    dtype = working_dtype(operator.like)
+    if dtype == operator.dtype:
+        return operator.to_dense(progress)
+    check_dense_fits(operator.size, xp.finfo(dtype).bits // 8, 3, "the Hessian")
+    eye = xp.eye(operator.size, dtype=dtype, device=array_device(operator.like))
+    chunk = 256
+    rows = [operator.mv(eye[i : i + chunk]) for i in range(0, operator.size, chunk)]
+    return xp.concat(rows, axis=0).T

@@ -10,6 +10,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
+from influx._memory import check_dense_fits
 from influx._progress import progress_bar
 from influx.errors import InputError, NotConvergedWarning, NotPositiveDefiniteWarning
 from influx.operators import LinearOperator
@@ -17,11 +18,13 @@ from influx.solvers._base import (
     SolveInfo,
     Solver,
     accumulation_dtype,
+    dense_matrix,
     from_host,
     integer_option,
     real_option,
     row_norms,
     to_host,
+    working_dtype,
 )
 
 __all__ = ["ArnoldiSolver"]
@@ -144,8 +147,10 @@ class ArnoldiSolver(Solver):
     def init(self, operator: LinearOperator, *, progress: bool = False) -> ArnoldiState:
         size = operator.size
         if self.rank_estimate >= size - 1:
-            dense = operator.to_dense(progress)
-            xp = array_namespace(dense)
+            xp = array_namespace(operator.like)
+            itemsize = xp.finfo(working_dtype(operator.like)).bits // 8
+            check_dense_fits(size, itemsize, 4, "arnoldi at full rank")
+            dense = dense_matrix(operator, progress)
             eigenvalues, eigenvectors = xp.linalg.eigh((dense + dense.T) / 2)
             keep = min(self.rank_estimate, size)
             state = ArnoldiState(
@@ -217,7 +222,7 @@ class ArnoldiSolver(Solver):
         order = np.argsort(values)
         return ArnoldiState(
             operator,
-            operator.from_numpy(values[order]),
+            _stored(values[order], operator),
             _columns(vectors, order, operator),
             converged,
             matvecs,
@@ -235,9 +240,7 @@ class ArnoldiSolver(Solver):
 
             def matmat(block: np.ndarray) -> np.ndarray:
                 columns = np.asarray(block, dtype=np.float64).reshape(size, -1)
-                image = operator.mv(
-                    operator.from_numpy(np.ascontiguousarray(columns.T))
-                )
+                image = operator.mv(_stored(columns.T, operator))
                 counter[0] += columns.shape[1]
                 bar.update(columns.shape[1])
                 return to_host(image, operator).T
@@ -278,8 +281,8 @@ class ArnoldiSolver(Solver):
         order = np.argsort(eigenvalues)
         return ArnoldiState(
             operator,
-            operator.from_numpy(eigenvalues[order]),
-            operator.from_numpy(eigenvectors[:, order]),
+            _stored(eigenvalues[order], operator),
+            _stored(eigenvectors[:, order], operator),
             converged,
             counter[0],
         )
@@ -289,6 +292,7 @@ class ArnoldiSolver(Solver):
     ) -> tuple[Any, SolveInfo]:
         op = state.operator
         xp = array_namespace(rhs)
+        given, rhs = rhs, xp.astype(rhs, working_dtype(rhs))
         vectors = xp.astype(state.eigenvectors, rhs.dtype)
         eigenvalues = xp.astype(state.eigenvalues, rhs.dtype)
         coefficients = rhs @ vectors
@@ -315,7 +319,7 @@ class ArnoldiSolver(Solver):
                 "residual": "of the low-rank solve against the full operator",
             },
         )
-        return x, info
+        return xp.astype(x, given.dtype), info
 
 
 #: Default ``tol`` of the block Krylov eigensolver and of ARPACK.
@@ -411,4 +415,12 @@ def _columns(vectors: Any, order: np.ndarray, operator: LinearOperator) -> Any:
     """Rows ``[r, P]`` reordered by ``order``, as columns ``[P, r]``."""
     xp = array_namespace(vectors)
     index = xp.asarray(order, device=array_device(vectors))
-    return xp.astype(xp.take(vectors, index, axis=0).T, operator.dtype)
+    rows = xp.take(vectors, index, axis=0).T
+    return xp.astype(rows, working_dtype(operator.like))
+
+
+def _stored(array: np.ndarray, operator: LinearOperator) -> Any:
+    """A host array as native, in the operator's working precision."""
+    xp = array_namespace(operator.like)
+    like = xp.astype(operator.like, working_dtype(operator.like))
+    return from_host(array, like, operator)

@@ -9,12 +9,24 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from influx._memory import check_dense_fits
 from influx.errors import NotPositiveDefiniteWarning
 from influx.operators import LinearOperator
-from influx.solvers._base import SolveInfo, Solver, numpy_dtype, row_norms, to_host
+from influx.solvers._base import (
+    SolveInfo,
+    Solver,
+    dense_matrix,
+    row_norms,
+    to_host,
+    working_dtype,
+)
 from influx.solvers._linalg import cholesky_solve_rows
 
 __all__ = ["DirectSolver"]
+
+#: ``[P, P]`` matrices alive at once in ``init``: the Hessian, its batch term
+#: and a temporary while it is summed, then the matrix and its factor.
+DENSE_MATRICES = 4
 
 
 @dataclass(frozen=True)
@@ -66,29 +78,37 @@ class DirectSolver(Solver):
         pass
 
     def init(self, operator: LinearOperator, *, progress: bool = False) -> DirectState:
-        dense = operator.to_dense(progress)
+        xp = array_namespace(operator.like)
+        itemsize = xp.finfo(working_dtype(operator.like)).bits // 8
+        check_dense_fits(operator.size, itemsize, DENSE_MATRICES, "the direct solve")
+        dense = dense_matrix(operator, progress)
         xp = array_namespace(dense)
         matrix = (dense + dense.T) / 2
+        del dense
         try:
             factor = xp.linalg.cholesky(matrix)
             ok = bool(xp.all(xp.isfinite(factor)))  # JAX returns NaN, torch raises
         except (RuntimeError, ValueError, np.linalg.LinAlgError):
             factor, ok = None, False
-        if ok:
+        if ok and _pivots_nonsingular(factor, operator.size):
             return DirectState(matrix, factor, None, None, None, operator)
 
         eigenvalues, eigenvectors = xp.linalg.eigh(matrix)
         smallest = float(eigenvalues[0])
         largest = float(xp.max(xp.abs(eigenvalues)))
-        cutoff = largest * operator.size * float(np.finfo(numpy_dtype(matrix)).eps)
+        cutoff = largest * operator.size * float(xp.finfo(matrix.dtype).eps)
         keep = xp.abs(eigenvalues) > cutoff
         safe = xp.where(keep, eigenvalues, xp.ones_like(eigenvalues))
         inverted = xp.where(keep, 1.0 / safe, xp.zeros_like(eigenvalues))
+        floor = max(-smallest, 0.0) + largest * 1e-6
+        top = float(eigenvalues[-1])
         warnings.warn(
-            f"The regularised Hessian is not positive definite (smallest eigenvalue "
-            f"{smallest:.3e}); the direct solve falls back to an eigendecomposition "
-            f"and inverts the nonzero eigenvalues. Raise hessian_regularization above "
-            f"{max(-smallest, 0.0):.3e} for a positive-definite Hessian.",
+            f"The regularised Hessian is not positive definite, or numerically "
+            f"singular (eigenvalues from {smallest:.3e} to {top:.3e})"
+            f"; the direct solve falls back to an eigendecomposition and inverts the "
+            f"eigenvalues above {cutoff:.3e} in magnitude (a pseudo-inverse). Raise "
+            f"hessian_regularization to {floor:.3e} or more for a positive-definite "
+            "Hessian.",
             NotPositiveDefiniteWarning,
             stacklevel=3,
         )
@@ -118,3 +138,19 @@ class DirectSolver(Solver):
             },
         )
         return xp.astype(x, rhs.dtype), info
+
+
+def _pivots_nonsingular(factor: Any, size: int) -> bool:
+    """Whether a Cholesky factor's pivots show a numerically nonsingular matrix.
+
+    Rounding can let the factorisation of a singular positive semi-definite
+    matrix succeed with a tiny positive pivot; the solve through it is then
+    garbage. ``min(diag(L))^2 <= P * eps * max(diag(L))^2`` is taken as
+    singular: the pivots squared bracket the eigenvalues, so this is the
+    eigenvalue cutoff of the pseudo-inverse fallback.
+    """
+    xp = array_namespace(factor)
+    pivots = xp.abs(xp.linalg.diagonal(factor))
+    smallest, largest = float(xp.min(pivots)), float(xp.max(pivots))
+    eps = float(xp.finfo(factor.dtype).eps)
+    return smallest * smallest > size * eps * largest * largest

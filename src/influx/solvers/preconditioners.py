@@ -19,12 +19,7 @@ from array_api_compat import array_namespace
 
 from influx.errors import InputError
 from influx.operators import LinearOperator, split_shift
-from influx.solvers._base import (
-    from_host,
-    integer_option,
-    numpy_dtype,
-    to_host,
-)
+from influx.solvers._base import from_host, integer_option, to_host
 
 __all__ = [
     "FittedPreconditioner",
@@ -136,7 +131,7 @@ class NystromPreconditioner(Preconditioner):
         image = base.mv(test)  # [r, P]: rows H @ omega_i
         # A small shift nu keeps the core matrix well conditioned in floating
         # point; it is removed from the eigenvalues again below.
-        eps = float(np.finfo(numpy_dtype(test)).eps)
+        eps = float(xp.finfo(test.dtype).eps)
         norm = float(to_host(xp.sqrt(xp.sum(image * image)), operator))
         nu = float(np.sqrt(size) * eps * norm)
         nu = max(nu, np.finfo(np.float64).tiny)
