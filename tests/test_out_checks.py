@@ -183,13 +183,14 @@ def test_dataloader_length_from_its_sampler():
             hessian_regularization=REG,
         )
     assert _no_calls(calls)
-    dropped = DataLoader(dataset, batch_size=4, drop_last=True)  # 8 points
-    with pytest.raises(influx.InputError, match="M=8"):
+    # drop_last is ignored (every point is read once), so M is still N_TRAIN.
+    dropped = DataLoader(dataset, batch_size=4, drop_last=True, shuffle=True)
+    with pytest.raises(influx.InputError, match=f"M={N_TRAIN}"):
         influx.compute_influences(
             model,
             dropped,
             test_data=test,
-            out=np.zeros((N_TEST, N_TRAIN)),
+            out=np.zeros((N_TEST, 8)),
             hessian_regularization=REG,
         )
     assert _no_calls(calls)
