@@ -19,9 +19,11 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
+from influx._host import computes_on_host, host_view
 from influx._progress import progress_iter
 from influx.backends import check_model_backend
 from influx.data import DataReader
@@ -97,14 +99,19 @@ def compute_influence_factors(
     _check_model(model)
     _check_regularization(hessian_perturbation, "hessian_perturbation")
     solver = make_solver(parse_inversion_method(inversion_method), **kwargs)
-    operator = HessianOperator(model, training_data, progress=progress)
+    # JAX on the CPU: the solver's small steps run in numpy (nothing to compile).
+    host = computes_on_host(model.parameters)
+    operator = HessianOperator(model, training_data, progress=progress, host=host)
     # When the test points default to the training data, errors name the
     # argument the user actually passed.
     test_name = "training_data" if test_data is training_data else "test_data"
     test_reader = DataReader(test_data, test_name, model.backend, model.parameters)
-    rhs = _concat(list(_gradients(model, test_reader, progress, "Test gradients")))
+    gradients = _gradients(model, test_reader, progress, "Test gradients")
+    rhs = _concat([_on_host(g) for g in gradients] if host else list(gradients))
     state = solver.init(operator.shift(hessian_perturbation), progress=progress)
     factors, info = solver.solve(state, rhs, progress=progress)
+    if host:
+        factors = model.backend.asarray(factors, like=model.parameters)
     return (factors, info) if return_info else factors
 
 
@@ -214,8 +221,12 @@ def _influences(
     sink = _BlockSink(model, factors, out)
     if kind is InfluenceType.Up:
         desc = "Up-weighting influences"
+        host_factors = host_view(factors)
         for grads in _gradients(model, reader, progress, desc):
-            sink.add(factors @ grads.T)
+            if host_factors is not None:  # numpy: no compile per batch shape
+                sink.add(host_factors @ _on_host(grads).T)
+            else:
+                sink.add(factors @ grads.T)
     else:
         batches = progress_iter(
             reader, progress, "Perturbation influences", total=reader.num_batches
@@ -224,7 +235,16 @@ def _influences(
             block = evaluate(name, index, x, model.mixed_grads, x, y, factors)
             ensure_finite(block, f"{name} batch {index}: the perturbation influence")
             sink.add(block)
-    return sink.result()
+    result = sink.result()
+    if out is None and isinstance(result, np.ndarray):
+        result = model.backend.asarray(result, like=model.parameters)
+    return result
+
+
+def _on_host(array: Any) -> Any:
+    """A host numpy view of a CPU JAX array (see ``influx._host``)."""
+    view = host_view(array)
+    return array if view is None else view
 
 
 class _BlockSink:
