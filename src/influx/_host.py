@@ -11,6 +11,7 @@ Nothing here imports a framework: JAX arrays are recognised with
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ def computes_on_host(array: Any) -> bool:
     and compiles nothing. Torch runs its eager operations without compiling,
     and an accelerator's arrays stay where they are.
     """
-    if not is_jax_array(array):
+    if sys.modules.get("jax") is None or not is_jax_array(array):
         return False
     try:
         devices = array.devices()

@@ -370,14 +370,8 @@ class HessianOperator(LinearOperator):
         """``compute(*args)`` on the model; its result on the host in host mode."""
         if not self.host:
             return compute(*args)
-        backend = self.model.backend
-        args = tuple(
-            backend.asarray(a, like=self.model.parameters)
-            if isinstance(a, np.ndarray)
-            else a
-            for a in args
-        )
-        return np.asarray(backend.to_numpy(compute(*args)))
+        # Host mode is for JAX on the CPU, whose compiled functions take numpy.
+        return np.asarray(self.model.backend.to_numpy(compute(*args)))
 
     def _batch_hvp(self, index: int, x: Any, y: Any, vectors: Any) -> Any:
         xp = array_namespace(vectors)
