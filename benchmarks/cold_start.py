@@ -13,11 +13,16 @@ Run from the repository root::
     PYTHONPATH=src:backends python benchmarks/cold_start.py
 
 ``INFLUX_JAX_CACHE_DIR`` is removed from the children's environment, so the
-JAX numbers are truly cold (no persistent compilation cache).
+JAX numbers are truly cold (no persistent compilation cache). On a shared,
+loaded machine the BLAS thread pools of numpy and torch spin against other
+processes and the times swing several fold; ``--threads 1`` sets
+``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` in the
+children (both backends alike) for steadier numbers.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -72,8 +77,14 @@ print(json.dumps({"seconds": seconds, "checksum": float(np.abs(values).sum())}))
 """
 
 
+THREADS: str | None = None
+
+
 def _environment() -> dict[str, str]:
     env = dict(os.environ)
+    if THREADS is not None:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = THREADS
     env.pop("INFLUX_JAX_CACHE_DIR", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = [os.path.join(root, "src"), os.path.join(root, "backends")]
@@ -114,6 +125,10 @@ def run_demo(backend: str) -> tuple[float, float]:
 
 def main() -> None:
     """Print one row per method (and the demo): seconds per backend and the ratio."""
+    global THREADS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", default=None, help="BLAS/OpenMP threads")
+    THREADS = parser.parse_args().threads
     print(f"load average before: {os.getloadavg()}")
     header = (
         f"{'case':<10}{'torch s':>10}{'jax s':>10}{'jax/torch':>11}"
