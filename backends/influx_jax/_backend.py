@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influx_jax import _cache
 from influx_jax._libraries import is_library_module
 from influx_jax._model import JaxTwiceDifferentiable
 
@@ -73,6 +74,10 @@ class JaxBackend:
         collection is differentiated); see :mod:`influx_jax._libraries`.
         """
         return JaxTwiceDifferentiable(model, params, loss)
+
+    def enable_compilation_cache(self, *args: Any, **kwargs: Any) -> Any:
+        """JAX's persistent compilation cache (see ``influx_jax._cache``)."""
+        return _cache.enable_compilation_cache(*args, **kwargs)
 
     def train_demo_model(self, *args: Any, **kwargs: Any) -> Any:
         """Train the small classifier of ``influx demo`` (see ``_demo``)."""

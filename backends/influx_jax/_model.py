@@ -10,13 +10,15 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from influx.errors import InputError
+from influx_jax import _compiled
+from influx_jax._compiled import compiled_model, pad_batch, pad_vectors, take_leading
 from influx_jax._libraries import split_model
 
 __all__ = ["JaxTwiceDifferentiable"]
 
 #: Columns of the identity pushed through one batched HVP when materialising
 #: the Hessian.
-HESSIAN_CHUNK = 256
+HESSIAN_CHUNK = _compiled.HESSIAN_CHUNK
 
 
 class JaxTwiceDifferentiable:
@@ -32,7 +34,10 @@ class JaxTwiceDifferentiable:
     ``equinox.is_inexact_array`` and mapped over the batch,
     ``jax.vmap(module)(x)``; a flax nnx module (``params=None``) is
     differentiated in its ``nnx.Param`` state and run in evaluation mode. The
-    functions of the protocol are ``jax.jit``-compiled once per batch shape.
+    functions of the protocol are ``jax.jit``-compiled once per bucket of
+    batch sizes (batches are padded with masked samples, see
+    ``influx_jax._compiled``) and shared by every wrapper of the same
+    ``apply_fn`` and ``loss``.
 
     Integer inputs ``x`` reach ``apply_fn`` unchanged (``jnp`` promotes them
     to the parameters' dtype in arithmetic, and ``jnp.take`` or indexing by
@@ -101,13 +106,12 @@ class JaxTwiceDifferentiable:
         self._theta = theta
         self._unravel = unravel
 
-        self._per_sample_grads = jax.jit(
-            jax.vmap(jax.value_and_grad(self._sample_loss), in_axes=(None, 0, 0))
+        self._compiled = compiled_model(
+            self._apply_fn, self._loss, self._unravel, self._theta
         )
-        self._grad = jax.jit(jax.grad(self._batch_loss))
+        # The user's own batch loss, unpadded: what the loss-convention check
+        # compares with the per-sample losses (compiled for the checked batch).
         self._value_and_grad = jax.jit(jax.value_and_grad(self._batch_loss))
-        self._hvp = jax.jit(self._hvp_impl)
-        self._mixed = jax.jit(self._mixed_impl)
 
     @property
     def backend(self) -> Any:
@@ -160,39 +164,18 @@ class JaxTwiceDifferentiable:
     def _sample_loss(self, theta: jax.Array, x: Any, y: Any) -> jax.Array:
         return self._batch_loss(theta, x[None], y[None])
 
-    def _hvp_impl(
-        self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array
-    ) -> jax.Array:
-        gradient = jax.grad(self._batch_loss)
-
-        def single(v: jax.Array) -> jax.Array:
-            return jax.jvp(lambda t: gradient(t, x, y), (theta,), (v,))[1]
-
-        return jax.vmap(single)(vectors)
-
-    def _mixed_impl(
-        self, theta: jax.Array, x: Any, y: Any, vectors: jax.Array
-    ) -> jax.Array:
-        # B * (batch-mean loss) is the sum of per-sample losses and sample b's
-        # term depends on x_b only: one input gradient gives all B rows.
-        count = x.shape[0]
-        batch_grad = jax.grad(self._batch_loss)
-
-        def directional(xb: Any, v: jax.Array) -> jax.Array:
-            return count * jnp.dot(batch_grad(theta, xb, y), v)
-
-        return jax.vmap(jax.grad(directional), in_axes=(None, 0))(x, vectors)
-
     # -- the TwiceDifferentiable protocol ------------------------------------
 
     def per_sample_grads(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
         """Per-sample gradients ``[B, P]`` and losses ``[B]``."""
-        losses, grads = self._per_sample_grads(self._theta, x, y)
-        return grads, losses
+        count, x, y, _ = pad_batch(x, y)
+        losses, grads = self._compiled.per_sample(self._theta, x, y)
+        return take_leading(grads, count), take_leading(losses, count)
 
     def grad(self, x: Any, y: Any) -> jax.Array:
         """Gradient of the batch-mean loss, ``[P]``."""
-        return self._grad(self._theta, x, y)
+        _, x, y, mask = pad_batch(x, y)
+        return self._compiled.grad(self._theta, x, y, mask)
 
     def value_and_grad(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
         """Batch-mean loss ``[]`` and its gradient ``[P]`` (optional method)."""
@@ -200,23 +183,24 @@ class JaxTwiceDifferentiable:
 
     def hvp(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``."""
-        return _bucketed(self._hvp, self._theta, x, y, vectors)
+        _, x, y, mask = pad_batch(x, y)
+        count = int(vectors.shape[0])
+        products = self._compiled.hvp(self._theta, x, y, mask, pad_vectors(vectors))
+        return take_leading(products, count)
 
     def hessian(self, x: Any, y: Any) -> jax.Array:
         """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
-        size = self.num_params
-        eye = jnp.eye(size, dtype=self.dtype)
-        rows = [
-            self.hvp(x, y, eye[i : i + HESSIAN_CHUNK])
-            for i in range(0, size, HESSIAN_CHUNK)
-        ]
-        return jnp.concatenate(rows, axis=0)
+        _, x, y, mask = pad_batch(x, y)
+        return self._compiled.hessian(self._theta, x, y, mask)
 
     def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(self.dtype)  # gradients in x need a floating x
-        return _bucketed(self._mixed, self._theta, x, y, vectors)
+        count, x, y, mask = pad_batch(x, y)
+        k = int(vectors.shape[0])
+        mixed = self._compiled.mixed(self._theta, x, y, mask, pad_vectors(vectors))
+        return take_leading(take_leading(mixed, k), count, axis=1)
 
     def __repr__(self) -> str:
         name = getattr(self._apply_fn, "__qualname__", type(self._apply_fn).__name__)
@@ -224,30 +208,3 @@ class JaxTwiceDifferentiable:
             f"JaxTwiceDifferentiable({name}, num_params={self.num_params}, "
             f"dtype={self.dtype})"
         )
-
-
-def _bucket(count: int) -> int:
-    """``count`` rounded up to a power of two up to 8, else to a multiple of 8.
-
-    Padded rows cost as much as real ones, so the buckets are fine (100
-    vectors run as 104, not 128), while a solver that halves its stack still
-    meets only a few sizes.
-    """
-    if count <= 8:
-        return 1 << max(count - 1, 0).bit_length()
-    return -(-count // 8) * 8
-
-
-def _bucketed(fn: Callable[..., Any], theta: Any, x: Any, y: Any, vectors: Any) -> Any:
-    """``fn(theta, x, y, vectors)`` with ``vectors`` zero-padded to a bucket size.
-
-    Solvers shrink the stack of vectors as right-hand sides converge; padding
-    to a few bucket sizes keeps ``jax.jit`` from compiling anew for each
-    count. The padded rows are dropped from the result.
-    """
-    count = int(vectors.shape[0])
-    padded = _bucket(count)
-    if padded != count:
-        pad = jnp.zeros((padded - count, vectors.shape[1]), dtype=vectors.dtype)
-        vectors = jnp.concatenate([vectors, pad], axis=0)
-    return fn(theta, x, y, vectors)[:count]

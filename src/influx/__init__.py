@@ -6,6 +6,7 @@ entry-point group ``influx.backends`` and loaded on first use.
 
 from __future__ import annotations
 
+from influx._compile_cache import enable_compilation_cache
 from influx.backends import (
     BackendNotInstalledError,
     available_backends,
@@ -70,6 +71,7 @@ __all__ = [
     "compute_influences",
     "compute_influences_pert",
     "compute_influences_up",
+    "enable_compilation_cache",
     "get_backend",
     "make_solver",
     "twice_differentiable",

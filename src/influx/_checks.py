@@ -8,6 +8,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from influx._host import host_view
 from influx.errors import InputError
 
 
@@ -38,6 +39,9 @@ def evaluate(
 
 def ensure_finite(array: Any, what: str) -> None:
     """Raise an InputError naming ``what`` if ``array`` holds NaN or inf."""
+    view = host_view(array)
+    if view is not None:  # numpy compiles nothing (JAX would, per shape)
+        array = view
     xp = array_namespace(array)
     finite = xp.isfinite(array)
     if not bool(xp.all(finite)):

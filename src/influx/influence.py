@@ -19,9 +19,11 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
+from influx._host import computes_on_host, host_view
 from influx._loss_check import LossConventionCheck
 from influx._output import BlockSink, check_out_up_front
 from influx._progress import progress_iter
@@ -107,16 +109,21 @@ def compute_influence_factors(
         hessian_regularization, hessian_perturbation
     )
     solver = make_solver(parse_inversion_method(inversion_method), **kwargs)
-    operator = HessianOperator(model, training_data, progress=progress)
+    # JAX on the CPU: the solver's small steps run in numpy (nothing to compile).
+    host = computes_on_host(model.parameters)
+    operator = HessianOperator(model, training_data, progress=progress, host=host)
     # When the test points default to the training data, errors name the
     # argument the user actually passed.
     test_name = "training_data" if test_data is training_data else "test_data"
     test_reader = DataReader(
         test_data, test_name, model.backend, model.parameters, ordered=True
     )
-    rhs = _concat(list(_gradients(model, test_reader, progress, "Test gradients")))
+    gradients = _gradients(model, test_reader, progress, "Test gradients")
+    rhs = _concat([_on_host(g) for g in gradients] if host else list(gradients))
     state = solver.init(operator.shift(hessian_perturbation), progress=progress)
     factors, info = solver.solve(state, rhs, progress=progress)
+    if host:
+        factors = model.backend.asarray(factors, like=model.parameters)
     return (factors, info) if return_info else factors
 
 
@@ -231,12 +238,17 @@ def _influences(
         # Half-precision models: the dot products over P run in float32.
         xp = array_namespace(factors)
         wide = working_dtype(factors)
-        wide_factors = factors if wide == factors.dtype else xp.astype(factors, wide)
+        host_factors = host_view(factors)
+        if host_factors is not None and host_factors.itemsize < 4:
+            host_factors = host_factors.astype(np.float32)  # numpy: no compiles
         for grads in _gradients(model, reader, progress, desc):
-            if wide == factors.dtype:
+            if host_factors is not None:
+                host_grads = _on_host(grads).astype(host_factors.dtype, copy=False)
+                sink.add(host_factors @ host_grads.T)
+            elif wide == factors.dtype:
                 sink.add(factors @ grads.T)
             else:
-                block = wide_factors @ xp.astype(grads, wide).T
+                block = xp.astype(factors, wide) @ xp.astype(grads, wide).T
                 sink.add(xp.astype(block, factors.dtype))
     else:
         batches = progress_iter(
@@ -248,7 +260,16 @@ def _influences(
             block = evaluate(name, index, x, model.mixed_grads, x, y, factors)
             ensure_finite(block, f"{name} batch {index}: the perturbation influence")
             sink.add(block)
-    return sink.result()
+    result = sink.result()
+    if out is None and isinstance(result, np.ndarray):
+        result = model.backend.asarray(result, like=model.parameters)
+    return result
+
+
+def _on_host(array: Any) -> Any:
+    """A host numpy view of a CPU JAX array (see ``influx._host``)."""
+    view = host_view(array)
+    return array if view is None else view
 
 
 def compute_influences(

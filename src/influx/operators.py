@@ -364,6 +364,12 @@ class HessianOperator(LinearOperator):
         A re-iterable of ``(x, y)`` batches.
     progress
         Show a progress bar while materialising the Hessian.
+    host
+        Run the operator's own arithmetic in numpy on the host: products and
+        the Hessian come back as numpy arrays, and ``like`` is a numpy view
+        of the parameters, so a solver on top runs in numpy too. Only the
+        model's derivatives run in its framework. For frameworks that compile
+        each eager operation (JAX on the CPU, see ``influx._host``).
 
     Attributes
     ----------
@@ -380,6 +386,7 @@ class HessianOperator(LinearOperator):
         *,
         progress: bool = False,
         name: str = "training_data",
+        host: bool = False,
     ) -> None:
         self.model = model
         self.size = model.num_params
@@ -387,21 +394,34 @@ class HessianOperator(LinearOperator):
         self.progress = progress
         self.num_passes = 0
         self._loss_check = LossConventionCheck(model, name)
+        self.host = bool(host)
+        self._host_like = (
+            np.asarray(model.backend.to_numpy(model.parameters)) if host else None
+        )
 
     @property
     def like(self) -> Any:
-        return self.model.parameters
+        return self._host_like if self.host else self.model.parameters
 
     @property
-    def backend(self) -> Backend:
-        return self.model.backend
+    def backend(self) -> Backend | None:
+        return None if self.host else self.model.backend
+
+    def _native(self, compute: Any, *args: Any) -> Any:
+        """``compute(*args)`` on the model; its result on the host in host mode."""
+        if not self.host:
+            return compute(*args)
+        # Host mode is for JAX on the CPU, whose compiled functions take numpy.
+        return np.asarray(self.model.backend.to_numpy(compute(*args)))
 
     def _batch_hvp(self, index: int, x: Any, y: Any, vectors: Any) -> Any:
         xp = array_namespace(vectors)
         name = self.reader.name
         model_vectors = xp.astype(vectors, self.dtype)
         self._loss_check(index, x, y)
-        product = evaluate(name, index, x, self.model.hvp, x, y, model_vectors)
+        product = evaluate(
+            name, index, x, self._native, self.model.hvp, x, y, model_vectors
+        )
         ensure_finite(product, f"{name} batch {index}: the Hessian-vector product")
         return xp.astype(product, vectors.dtype)
 
@@ -427,7 +447,7 @@ class HessianOperator(LinearOperator):
         for index, x, y in batches:
             n = int(x.shape[0])
             self._loss_check(index, x, y)
-            hessian = evaluate(name, index, x, self.model.hessian, x, y)
+            hessian = evaluate(name, index, x, self._native, self.model.hessian, x, y)
             ensure_finite(hessian, f"{name} batch {index}: the Hessian")
             total = n * hessian if total is None else total + n * hessian
             count += n

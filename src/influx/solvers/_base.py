@@ -171,6 +171,8 @@ def from_host(array: np.ndarray, like: Any, operator: LinearOperator) -> Any:
 def initial_guess(value: Any, rhs: Any, operator: LinearOperator, name: str) -> Any:
     """A user's starting point, ``[P]`` or ``[K, P]``, as ``[K, P]`` like ``rhs``."""
     xp = array_namespace(rhs)
+    if isinstance(rhs, np.ndarray) and hasattr(value, "shape"):
+        value = np.asarray(value)  # a host-mode solve runs in numpy throughout
     if isinstance(value, np.ndarray) or not hasattr(value, "shape"):
         value = operator.from_numpy(np.asarray(value))
     value = xp.astype(value, rhs.dtype)
