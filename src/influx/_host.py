@@ -23,11 +23,15 @@ __all__ = ["computes_on_host", "host_view"]
 def computes_on_host(array: Any) -> bool:
     """Whether steps on ``array`` are better run in numpy on the host.
 
-    True for a JAX array whose devices are all CPUs: numpy reads it in place,
-    and compiles nothing. Torch runs its eager operations without compiling,
+    True for a JAX array of 32 or more bits whose devices are all CPUs: numpy
+    reads it in place, and compiles nothing. Torch runs its eager operations without compiling,
     and an accelerator's arrays stay where they are.
     """
     if sys.modules.get("jax") is None or not is_jax_array(array):
+        return False
+    if np.dtype(array.dtype).itemsize < 4:
+        # float16/bfloat16: numpy has no bfloat16 arithmetic, and the dense
+        # steps widen to float32 on the framework's side anyway.
         return False
     try:
         devices = array.devices()
