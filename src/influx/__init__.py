@@ -6,6 +6,7 @@ entry-point group ``influx.backends`` and loaded on first use.
 
 from __future__ import annotations
 
+from influx.attribution import Influence
 from influx.backends import (
     BackendNotInstalledError,
     available_backends,
@@ -51,6 +52,7 @@ __all__ = [
     "CgSolver",
     "DirectSolver",
     "HessianOperator",
+    "Influence",
     "InfluenceType",
     "InfluxWarning",
     "InputError",
