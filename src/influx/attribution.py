@@ -59,6 +59,9 @@ __all__ = ["Influence"]
 #: ``measurement(predictions, targets) -> [B]``, one value per point.
 Measurement = Callable[[Any, Any], Any]
 
+#: Measurement wrappers kept per Influence (each may hold compiled functions);
+#: pass the same function object to reuse one.
+MEASUREMENT_CACHE = 8
 #: Version of the file layout :meth:`Influence.save` writes.
 FORMAT_VERSION = 1
 _FORMAT = "influx.Influence"
@@ -232,7 +235,9 @@ class Influence:
         measurement
             ``f(predictions, targets) -> [B]``, one value per point, attributed
             instead of the loss (for example the margin of the true class);
-            ``None`` means the loss. Written in the model's framework.
+            ``None`` means the loss. Written in the model's framework; the
+            model is wrapped again with ``mean(measurement)`` as its loss, once
+            per function object (keep the function to reuse the wrapper).
 
         Returns
         -------
@@ -361,7 +366,8 @@ class Influence:
         values, indices
             Native arrays ``[N_test, k]``: the influences in the model's dtype,
             sorted (descending for ``largest``, else ascending), and the input
-            points' indices (int64) in the order of ``input_data``.
+            points' indices in the order of ``input_data`` (int64; int32 on
+            JAX without ``jax_enable_x64``).
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer):
             raise TypeError(f"k must be a positive int, got {type(k).__name__}.")
@@ -555,6 +561,8 @@ class Influence:
             cached = self._measured_models.get(measurement)
             if cached is None:
                 cached = _guard(_rewrap(self._model, _MeanOf(measurement)))
+                if len(self._measured_models) >= MEASUREMENT_CACHE:
+                    del self._measured_models[next(iter(self._measured_models))]
                 self._measured_models[measurement] = cached
         return cached
 
