@@ -38,7 +38,7 @@ RTOL = {"direct": 1e-8, "cg": 1e-6, "arnoldi": 1e-6}
 OPTIONS = {
     "direct": {},
     "cg": {"rtol": 1e-12, "atol": 0.0},
-    "arnoldi": {"rank_estimate": P},
+    "arnoldi": {"rank_estimate": P, "residuals": True},
 }
 LAMBDAS = [0.0, 0.3]
 

@@ -147,7 +147,7 @@ def test_cg_matches_direct(backend_name, loss):
 
 def test_arnoldi_full_rank_matches_direct(backend_name, loss):
     s = setup(backend_name, loss)
-    factors, info = factors_of(s, "arnoldi", rank_estimate=P)
+    factors, info = factors_of(s, "arnoldi", rank_estimate=P, residuals=True)
     assert rel_err(factors, s.direct) < 1e-6
     assert info.all_converged
     assert info.extra["rank"] == P
@@ -171,7 +171,12 @@ def test_arnoldi_low_rank_matches_eigh_reference(backend_name, loss):
     expected = ((s.test_grads @ v[:, top]) / w[top]) @ v[:, top].T
 
     factors, info = factors_of(
-        s, "arnoldi", rank_estimate=LOW_RANK, tol=1e-12, remainder="drop"
+        s,
+        "arnoldi",
+        rank_estimate=LOW_RANK,
+        tol=1e-12,
+        remainder="drop",
+        residuals=True,
     )
     assert rel_err(factors, expected) < 1e-6
     up = influx.compute_influences_up(s.model, s.train, factors)
@@ -255,7 +260,7 @@ def test_lissa_within_a_few_percent_of_direct(backend_name, loss):
     [
         ("direct", {}),
         ("cg", {"rtol": 1e-10, "atol": 0.0}),
-        ("arnoldi", {"rank_estimate": P}),
+        ("arnoldi", {"rank_estimate": P, "residuals": True}),
         ("lissa", {"maxiter": 2000, "rtol": 1e-12, "seed": 0}),
     ],
 )

@@ -305,7 +305,7 @@ def test_bad_preconditioner_is_named(spec, match):
 def test_arnoldi_full_rank_equals_direct(spd):
     matrix, rhs = spd
     x_direct, _ = run(DirectSolver(), matrix, rhs)
-    x, info = run(ArnoldiSolver(rank_estimate=7), matrix, rhs)
+    x, info = run(ArnoldiSolver(rank_estimate=7, residuals=True), matrix, rhs)
     assert rel_err(x, x_direct) < 1e-12
     assert info.all_converged
     assert info.extra["rank"] == 7
@@ -329,7 +329,9 @@ def test_arnoldi_low_rank_matches_eigh_reference():
     rhs = np.random.default_rng(10).standard_normal((3, 20))
     expected, top = low_rank_reference(matrix, rhs, 4)
     x, info = run(
-        ArnoldiSolver(rank_estimate=4, tol=1e-14, remainder="drop"), matrix, rhs
+        ArnoldiSolver(rank_estimate=4, tol=1e-14, remainder="drop", residuals=True),
+        matrix,
+        rhs,
     )
     assert rel_err(x, expected) < 1e-10
     np.testing.assert_allclose(info.extra["eigenvalues"], top, rtol=1e-12)
@@ -457,6 +459,7 @@ SEED_OPTIONS = {
         "eigensolver": "arpack",
         "remainder": "drop",
         "seed": 3,
+        "residuals": True,
     },
     "direct": {},
 }

@@ -7,6 +7,7 @@ entry-point group ``influx.backends`` and loaded on first use.
 from __future__ import annotations
 
 from influx._compile_cache import enable_compilation_cache
+from influx.attribution import Influence
 from influx.backends import (
     BackendNotInstalledError,
     available_backends,
@@ -52,6 +53,7 @@ __all__ = [
     "CgSolver",
     "DirectSolver",
     "HessianOperator",
+    "Influence",
     "InfluenceType",
     "InfluxWarning",
     "InputError",

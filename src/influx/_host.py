@@ -24,8 +24,8 @@ def computes_on_host(array: Any) -> bool:
     """Whether steps on ``array`` are better run in numpy on the host.
 
     True for a JAX array of 32 or more bits whose devices are all CPUs: numpy
-    reads it in place, and compiles nothing. Torch runs its eager operations without compiling,
-    and an accelerator's arrays stay where they are.
+    reads it in place, and compiles nothing. Torch runs its eager operations
+    without compiling, and an accelerator's arrays stay where they are.
     """
     if sys.modules.get("jax") is None or not is_jax_array(array):
         return False

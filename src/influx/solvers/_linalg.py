@@ -46,3 +46,34 @@ def cholesky_solve_rows(factor: Any, rhs: Any) -> Any:
         return scipy_cho_solve((factor, True), rhs.T, check_finite=False).T
     # Any other namespace: the general solver of the standard.
     return xp.linalg.solve(factor @ factor.T, rhs.T).T
+
+
+def solve_lower_rows(factor: Any, rhs: Any) -> Any:
+    """``L^{-1} b_k`` for every row of ``rhs``: one triangular solve, ``O(K P^2)``.
+
+    Parameters
+    ----------
+    factor
+        Lower-triangular ``L``, ``[P, P]``.
+    rhs
+        ``[K, P]``, of ``factor``'s dtype.
+
+    Returns
+    -------
+    Any
+        ``[K, P]``, row ``k`` is ``L^{-1} b_k``.
+    """
+    if is_torch_array(factor):
+        import torch
+
+        return torch.linalg.solve_triangular(factor, rhs.T, upper=False).T
+    if is_jax_array(factor):
+        from jax.scipy.linalg import solve_triangular
+
+        return solve_triangular(factor, rhs.T, lower=True).T
+    xp = array_namespace(factor)
+    if xp.__name__.startswith(("numpy", "array_api_compat.numpy")):
+        from scipy.linalg import solve_triangular as scipy_solve_triangular
+
+        return scipy_solve_triangular(factor, rhs.T, lower=True, check_finite=False).T
+    return xp.linalg.solve(factor, rhs.T).T

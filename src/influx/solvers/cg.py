@@ -234,3 +234,22 @@ def _message(
             "raise hessian_regularization to improve the conditioning"
         )
     return "; ".join(parts) + ("." if parts else "")
+
+
+# -- fitted state, for influx.Influence's save and load -----------------------
+
+
+def export_state(state: CgState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Host arrays (the preconditioner's factors) and JSON metadata."""
+    from influx.solvers.preconditioners import export_fitted
+
+    return export_fitted(state.preconditioner, state.operator)
+
+
+def import_state(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], operator: LinearOperator
+) -> CgState:
+    """The state :func:`export_state` wrote, on ``operator`` (the shifted Hessian)."""
+    from influx.solvers.preconditioners import import_fitted
+
+    return CgState(operator, import_fitted(arrays, meta, operator))

@@ -16,6 +16,7 @@ from influx.solvers._base import (
     SolveInfo,
     Solver,
     dense_matrix,
+    from_host,
     row_norms,
     to_host,
     working_dtype,
@@ -154,3 +155,58 @@ def _pivots_nonsingular(factor: Any, size: int) -> bool:
     smallest, largest = float(xp.min(pivots)), float(xp.max(pivots))
     eps = float(xp.finfo(factor.dtype).eps)
     return smallest * smallest > size * eps * largest * largest
+
+
+# -- fitted state, for influx.Influence (quadratic forms, save and load) -------
+
+
+def quadratic_form(state: DirectState, rhs: Any) -> Any:
+    """``<A^{-1} b_k, b_k>`` for every row of ``rhs`` (``[K, P] -> [K]``).
+
+    One triangular solve, ``||L^{-1} b_k||^2``, when the Cholesky factor
+    exists; else ``sum_j (v_j . b_k)^2 / lambda_j`` over the eigenpairs the
+    fallback inverts. ``O(K P^2)``; no ``[K, K]`` matrix.
+    """
+    from influx.solvers._linalg import solve_lower_rows
+
+    xp = array_namespace(rhs)
+    b = xp.astype(rhs, state.matrix.dtype)
+    if state.factor is not None:
+        half = solve_lower_rows(state.factor, b)
+        values = xp.sum(half * half, axis=1)
+    else:
+        coefficients = b @ state.eigenvectors
+        values = xp.sum(coefficients * coefficients * state.inverse_eigenvalues, axis=1)
+    return xp.astype(values, rhs.dtype)
+
+
+def export_state(state: DirectState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Host arrays and JSON metadata that :func:`import_state` restores."""
+    op = state.operator
+    arrays = {"matrix": op.to_numpy(state.matrix)}
+    if state.factor is not None:
+        arrays["factor"] = op.to_numpy(state.factor)
+    else:
+        arrays["eigenvectors"] = op.to_numpy(state.eigenvectors)
+        arrays["inverse_eigenvalues"] = op.to_numpy(state.inverse_eigenvalues)
+    return arrays, {"min_eigenvalue": state.min_eigenvalue}
+
+
+def import_state(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], operator: LinearOperator
+) -> DirectState:
+    """The state :func:`export_state` wrote, on ``operator``'s device."""
+    xp = array_namespace(operator.like)
+    like = xp.astype(operator.like, working_dtype(operator.like))
+
+    def native(key: str) -> Any:
+        return from_host(arrays[key], like, operator) if key in arrays else None
+
+    return DirectState(
+        native("matrix"),
+        native("factor"),
+        native("eigenvectors"),
+        native("inverse_eigenvalues"),
+        meta.get("min_eigenvalue"),
+        operator,
+    )

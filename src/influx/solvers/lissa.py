@@ -575,3 +575,36 @@ class _Preconditioned(LinearOperator):
         if self._preconditioner is None:
             return image
         return self._preconditioner.apply(image)
+
+
+# -- fitted state, for influx.Influence's save and load -----------------------
+
+
+def export_state(state: LissaState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Host arrays (the preconditioner's factors) and JSON metadata (the scale)."""
+    from influx.solvers.preconditioners import export_fitted
+
+    arrays, meta = export_fitted(state.preconditioner, state.operator)
+    meta = {
+        **meta,
+        "scale": float(state.scale),
+        "largest_eigenvalue": None
+        if state.largest_eigenvalue is None
+        else float(state.largest_eigenvalue),
+    }
+    return arrays, meta
+
+
+def import_state(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], operator: LinearOperator
+) -> LissaState:
+    """The state :func:`export_state` wrote, on ``operator`` (the shifted Hessian)."""
+    from influx.solvers.preconditioners import import_fitted
+
+    largest = meta.get("largest_eigenvalue")
+    return LissaState(
+        operator,
+        float(meta["scale"]),
+        None if largest is None else float(largest),
+        import_fitted(arrays, meta, operator),
+    )

@@ -188,3 +188,54 @@ def make_preconditioner(
         f"preconditioner must be None, a Preconditioner or one of "
         f"{sorted(PRECONDITIONERS)}, got {spec!r}."
     )
+
+
+# -- fitted state, for influx.Influence's save and load -----------------------
+
+
+def export_fitted(
+    fitted: FittedPreconditioner | None, operator: LinearOperator
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Host arrays and JSON metadata of a fitted preconditioner (``None``: none).
+
+    Raises
+    ------
+    TypeError
+        For a preconditioner other than the built-in low-rank one.
+    """
+    if fitted is None:
+        return {}, {"preconditioner": None}
+    if not isinstance(fitted, _LowRankPlusIdentity):
+        raise TypeError(
+            f"cannot save a fitted {type(fitted).__name__}: only the built-in "
+            "Nystrom preconditioner's state can be saved."
+        )
+    arrays = {
+        "preconditioner.vectors": operator.to_numpy(fitted.vectors),
+        "preconditioner.eigenvalues": operator.to_numpy(fitted.eigenvalues),
+    }
+    meta = {
+        "preconditioner": "low_rank_plus_identity",
+        "shift": float(fitted.shift),
+        "floor": float(fitted.floor),
+    }
+    return arrays, meta
+
+
+def import_fitted(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], operator: LinearOperator
+) -> FittedPreconditioner | None:
+    """The preconditioner :func:`export_fitted` wrote, in the saved dtype."""
+    if meta.get("preconditioner") is None:
+        return None
+    xp = array_namespace(operator.like)
+    native = []
+    for key in ("preconditioner.vectors", "preconditioner.eigenvalues"):
+        host = arrays[key]
+        like = operator.like
+        if host.dtype == np.float64:
+            like = xp.astype(like, xp.float64)
+        native.append(from_host(host, like, operator))
+    return _LowRankPlusIdentity(
+        native[0], native[1], float(meta["shift"]), float(meta["floor"])
+    )

@@ -1,0 +1,944 @@
+"""Fit once, query many: :class:`Influence`.
+
+``Influence(model, method=..., hessian_regularization=...)`` holds what does not
+depend on the test points: ``fit(training_data)`` builds the regularised
+Hessian operator ``H = hessian(L) + lambda I`` and runs the solver's ``init``
+(a Cholesky factor, a Nystrom preconditioner, eigenpairs) once. Every query
+(:meth:`Influence.factors`, :meth:`~Influence.influences`,
+:meth:`~Influence.self_influence`, :meth:`~Influence.top_k`) reuses it. The
+conventions (signs, averaging over all ``N`` training points, shapes) are those
+of :func:`influx.compute_influences`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from influx._output import check_out_up_front
+from influx.data import DataReader
+from influx.errors import InputError
+from influx.influence import (
+    _check_model,
+    _check_regularization,
+    _concat,
+    _gradients,
+    _influences,
+)
+from influx.methods import InfluenceType, parse_influence_type
+from influx.operators import HessianOperator, LinearOperator
+from influx.protocols import TwiceDifferentiable
+from influx.solvers import (
+    ArnoldiSolver,
+    CgSolver,
+    DirectSolver,
+    LissaSolver,
+    SolveInfo,
+    Solver,
+    make_solver,
+)
+from influx.solvers import arnoldi as _arnoldi
+from influx.solvers import cg as _cg
+from influx.solvers import direct as _direct
+from influx.solvers import lissa as _lissa
+from influx.solvers.preconditioners import NystromPreconditioner
+
+__all__ = ["Influence"]
+
+#: ``measurement(predictions, targets) -> [B]``, one value per point.
+Measurement = Callable[[Any, Any], Any]
+
+#: Measurement wrappers kept per Influence (each may hold compiled functions);
+#: pass the same function object to reuse one.
+MEASUREMENT_CACHE = 8
+#: Version of the file layout :meth:`Influence.save` writes.
+FORMAT_VERSION = 1
+_FORMAT = "influx.Influence"
+
+
+class Influence:
+    """Influence functions with the expensive part done once.
+
+    Parameters
+    ----------
+    model
+        A wrapped model (:func:`influx.twice_differentiable`).
+    method
+        ``"direct"`` (default), ``"cg"``, ``"lissa"``, ``"arnoldi"`` (or an
+        :class:`~influx.InversionMethod`), or a :class:`~influx.Solver`
+        instance, which is used as is.
+    hessian_regularization
+        ``lambda >= 0`` added to the Hessian's diagonal.
+    progress
+        Show progress bars.
+    **method_options
+        Options of the named method (see :func:`influx.compute_influence_factors`;
+        Arnoldi also takes ``residuals=True`` to report the residuals of each
+        solve against the full operator, at one pass over the training data per
+        solve). Not allowed with a solver instance.
+
+    Notes
+    -----
+    After :meth:`fit` the object does not change: queries only read the fitted
+    state, so they may run from several threads at once (calls into a model
+    that is not declared thread-safe, such as a torch module, are serialised
+    per module). :meth:`fit` may run once; fit a new object for new data.
+
+    Cost of a query with ``N_test`` test points, ``M`` input points and ``P``
+    parameters: the test gradients, one solve of ``N_test`` right-hand sides
+    (direct: two triangular solves, ``O(N_test P^2)``; arnoldi: ``O(N_test P
+    r)`` projections; cg and lissa: their iterations, each a pass over the
+    training data), and for influences one pass over the input data.
+
+    Examples
+    --------
+    >>> inf = influx.Influence(model, "cg", 1e-3).fit(train)  # doctest: +SKIP
+    >>> scores = inf.influences(test)  # [N_test, N_train]  # doctest: +SKIP
+    >>> values, indices = inf.top_k(test, train, k=5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: TwiceDifferentiable,
+        method: str | Solver = "direct",
+        hessian_regularization: float = 0.0,
+        *,
+        progress: bool = False,
+        **method_options: Any,
+    ) -> None:
+        _check_model(model)
+        _check_regularization(hessian_regularization, "hessian_regularization")
+        if isinstance(method, Solver):
+            if method_options:
+                raise TypeError(
+                    f"method is a solver instance ({method!r}); its options are set "
+                    f"on it, so the options {sorted(method_options)} are not "
+                    "allowed. Build the solver with them, or pass the method's name."
+                )
+            solver = method
+        elif isinstance(method, type) and issubclass(method, Solver):
+            raise TypeError(
+                f"method must be a name or a solver instance, got the class "
+                f"{method.__name__}: instantiate it, e.g. {method.__name__}()."
+            )
+        else:
+            solver = make_solver(method, **method_options)
+        self._model = model
+        self._guarded = _guard(model)
+        self._solver = solver
+        self._regularization = float(hessian_regularization)
+        self._progress = bool(progress)
+        self._lock = threading.RLock()
+        self._fitted: _Fitted | None = None
+        self._info: SolveInfo | None = None
+        self._measured_models: dict[Any, TwiceDifferentiable] = {}
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def model(self) -> TwiceDifferentiable:
+        """The wrapped model."""
+        return self._model
+
+    @property
+    def solver(self) -> Solver:
+        """The solver (built from the method's name, or the instance given)."""
+        return self._solver
+
+    @property
+    def method(self) -> str:
+        """The inversion method's name."""
+        return self._solver.name
+
+    @property
+    def hessian_regularization(self) -> float:
+        """``lambda``, added to the Hessian's diagonal."""
+        return self._regularization
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`load`) has run."""
+        return self._fitted is not None
+
+    @property
+    def num_training_samples(self) -> int | None:
+        """``N``, the training points the Hessian averages over (once fitted)."""
+        return None if self._fitted is None else self._fitted.num_samples
+
+    @property
+    def info(self) -> SolveInfo | None:
+        """The :class:`~influx.SolveInfo` of the last solve; ``None`` before.
+
+        Shared by all threads: under concurrent queries it is whichever solve
+        finished last.
+        """
+        return self._info
+
+    # -- fitting -------------------------------------------------------------
+
+    def fit(self, training_data: Any) -> Influence:
+        """Build the Hessian operator on ``training_data`` and run the solver's init.
+
+        Parameters
+        ----------
+        training_data
+            Re-iterable of ``(x, y)`` batches, ``N`` points; the Hessian
+            averages over all of them.
+
+        Returns
+        -------
+        Influence
+            ``self``, fitted.
+
+        Raises
+        ------
+        RuntimeError
+            If the object is already fitted (build a new one for new data).
+        """
+        with self._lock:
+            if self._fitted is not None:
+                raise RuntimeError(
+                    "This Influence is already fitted, and a fitted Influence does "
+                    "not change (queries may be running on it). Build a new "
+                    "influx.Influence(...) to fit other training data."
+                )
+            hessian = HessianOperator(
+                self._guarded, training_data, progress=self._progress
+            )
+            operator = hessian.shift(self._regularization)
+            state = self._solver.init(operator, progress=self._progress)
+            self._fitted = _Fitted(
+                state, operator, training_data, hessian.reader.num_samples
+            )
+        return self
+
+    # -- queries -------------------------------------------------------------
+
+    def factors(self, test_data: Any, *, measurement: Measurement | None = None) -> Any:
+        """Influence factors ``s_test = H^{-1} grad f(z_test)``, ``[N_test, P]``.
+
+        Parameters
+        ----------
+        test_data
+            Re-iterable of ``(x, y)`` batches, ``N_test`` points.
+        measurement
+            ``f(predictions, targets) -> [B]``, one value per point, attributed
+            instead of the loss (for example the margin of the true class);
+            ``None`` means the loss. Written in the model's framework; the
+            model is wrapped again with ``mean(measurement)`` as its loss, once
+            per function object (keep the function to reuse the wrapper).
+
+        Returns
+        -------
+        Any
+            Native array ``[N_test, P]``.
+        """
+        fitted = self._require_fitted()
+        rhs = self._test_gradients(fitted, test_data, measurement)
+        solution, info = self._solver.solve(fitted.state, rhs, progress=self._progress)
+        self._set_info(info)
+        return solution
+
+    def influences(
+        self,
+        test_data: Any,
+        input_data: Any = None,
+        *,
+        influence_type: InfluenceType | str = InfluenceType.Up,
+        out: Any = None,
+        measurement: Measurement | None = None,
+    ) -> Any:
+        """Influence of every input point on every test point.
+
+        Parameters
+        ----------
+        test_data
+            Points whose loss (or ``measurement``) is explained, ``N_test``.
+        input_data
+            Points whose influence is computed, ``M``; ``None`` means the
+            training data.
+        influence_type
+            ``"up"`` (default) or ``"perturbation"``.
+        out
+            Optional host array (numpy, ``numpy.memmap``, zarr) of the result's
+            shape that takes it block by block; it is returned.
+        measurement
+            See :meth:`factors`.
+
+        Returns
+        -------
+        Any
+            Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, *S]`` for
+            ``"perturbation"``; ``out`` when given.
+        """
+        kind = parse_influence_type(influence_type)
+        fitted = self._require_fitted()
+        data, name = self._input(fitted, input_data)
+        check_out_up_front(out, kind is InfluenceType.Up, data, test_data=test_data)
+        factors = self.factors(test_data, measurement=measurement)
+        model, progress = self._guarded, self._progress
+        return _influences(kind, model, data, factors, progress, name, out)
+
+    def self_influence(self, data: Any) -> Any:
+        """``<H^{-1} g_i, g_i>`` of every point, ``g_i = grad l(z_i)``; ``[N]``.
+
+        The diagonal of ``influences(data, data)``, without the ``[N, N]``
+        matrix. Cost per method, for ``N`` points, a batch of ``B``:
+
+        - direct: one triangular solve per batch with the Cholesky factor,
+          ``||L^{-1} g_i||^2`` (``O(N P^2)`` in all); with the eigen fallback,
+          projections on the eigenvectors;
+        - arnoldi: projections on the ``r`` kept eigenvectors plus the
+          remainder term (``remainder="floor"``), ``O(N P r)``;
+        - cg, lissa (and any other solver): one batched solve of each batch's
+          ``B`` gradients, as costly as computing ``B`` influence factors.
+
+        Parameters
+        ----------
+        data
+            Re-iterable of ``(x, y)`` batches.
+
+        Returns
+        -------
+        Any
+            Native array ``[N]``.
+        """
+        fitted = self._require_fitted()
+        name = _data_name(data, fitted, "data")
+        model = self._guarded
+        reader = DataReader(data, name, model.backend, model.parameters)
+        values, infos = [], []
+        for grads in _gradients(model, reader, self._progress, "Self-influence"):
+            quadratic = _quadratic_form(self._solver, fitted.state, grads)
+            if quadratic is None:
+                solution, info = self._solver.solve(fitted.state, grads)
+                xp = array_namespace(grads)
+                quadratic = xp.sum(solution * grads, axis=1)
+                infos.append(info)
+            values.append(quadratic)
+        if infos:
+            self._set_info(_join_infos(infos))
+        return _concat(values)
+
+    def top_k(
+        self,
+        test_data: Any,
+        input_data: Any,
+        k: int,
+        *,
+        largest: bool = True,
+        measurement: Measurement | None = None,
+    ) -> tuple[Any, Any]:
+        """The ``k`` most influential input points of each test point.
+
+        Streams over ``input_data`` batch by batch and keeps a running top
+        ``k`` per test point: memory ``O(N_test * (k + B))``, never the whole
+        ``[N_test, M]`` score matrix. Ties go to the smaller input index.
+
+        Parameters
+        ----------
+        test_data
+            ``N_test`` test points.
+        input_data
+            ``M >= k`` input points; ``None`` means the training data.
+        k
+            How many to keep per test point.
+        largest
+            ``True``: the largest up-weighting influences (the points whose
+            up-weighting lowers the test loss most); ``False``: the most
+            negative.
+        measurement
+            See :meth:`factors`.
+
+        Returns
+        -------
+        values, indices
+            Native arrays ``[N_test, k]``: the influences in the model's dtype,
+            sorted (descending for ``largest``, else ascending), and the input
+            points' indices in the order of ``input_data`` (int64; int32 on
+            JAX without ``jax_enable_x64``).
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+            raise TypeError(f"k must be a positive int, got {type(k).__name__}.")
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}.")
+        k = int(k)
+        fitted = self._require_fitted()
+        data, name = self._input(fitted, input_data)
+        known = getattr(data, "num_samples", None)
+        if isinstance(known, int) and known < k:
+            raise InputError(
+                f"k={k} is larger than the {known} points of {name}: lower k."
+            )
+        factors = self.factors(test_data, measurement=measurement)
+        model = self._guarded
+        reader = DataReader(data, name, model.backend, model.parameters)
+        best = _RunningTopK(k, largest)
+        for grads in _gradients(model, reader, self._progress, "Top-k influences"):
+            best.add(model.backend.to_numpy(factors @ grads.T))
+        if best.seen < k:
+            raise InputError(
+                f"k={k} is larger than the {best.seen} points of {name}: lower k."
+            )
+        values, indices = best.result()
+        backend = model.backend
+        return backend.asarray(values, like=model.parameters), backend.asarray(indices)
+
+    # -- saving --------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fitted state to ``path`` (a ``.npz`` file, no pickle).
+
+        The file holds the solver's state arrays and a JSON header with the
+        method and its options, ``lambda``, ``P``, the dtype, the backend and
+        framework version, influx's version, the SHA-256 of the parameters and
+        the number ``N`` of training points. The training data is not saved:
+        methods whose queries multiply by the Hessian (cg, lissa) need it
+        again at :meth:`load`.
+
+        Raises
+        ------
+        TypeError
+            For a solver or option whose state cannot be saved.
+        """
+        fitted = self._require_fitted()
+        exporter = _state_io(self._solver)[0]
+        state_arrays, state_meta = exporter(fitted.state)
+        options, option_arrays = _encode_options(self._solver)
+        header = {
+            "format": _FORMAT,
+            "format_version": FORMAT_VERSION,
+            **_model_facts(self._model),
+            "method": self._solver.name,
+            "options": options,
+            "hessian_regularization": self._regularization,
+            "num_training_samples": fitted.num_samples,
+            "influx_version": _influx_version(),
+            "state": state_meta,
+        }
+        arrays = {f"state.{key}": value for key, value in state_arrays.items()}
+        arrays.update(option_arrays)
+        text = json.dumps(header, sort_keys=True).encode()
+        arrays["header"] = np.frombuffer(text, dtype=np.uint8)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        target = os.fspath(path)
+        temporary = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(temporary, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(temporary, target)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: TwiceDifferentiable,
+        training_data: Any = None,
+        *,
+        progress: bool = False,
+    ) -> Influence:
+        """A fitted :class:`Influence` from :meth:`save`'s file, for ``model``.
+
+        Parameters
+        ----------
+        path
+            The file :meth:`save` wrote.
+        model
+            The wrapped model it was fitted on: same backend, parameter count,
+            dtype and parameter values (checked by their SHA-256).
+        training_data
+            The training data; required for cg and lissa (whose queries
+            multiply by the Hessian), for arnoldi with ``residuals=True``, and
+            for queries whose ``input_data`` defaults to it. Its size must
+            match the saved one.
+        progress
+            Show progress bars.
+
+        Raises
+        ------
+        InputError
+            If the file is not an Influence file, the model differs from the
+            one saved, or ``training_data`` is missing or of another size.
+        """
+        _check_model(model)
+        with np.load(os.fspath(path), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        header = _read_header(arrays, path)
+        _check_same_model(header, model, path)
+        method, options = header["method"], _decode_options(header["options"], arrays)
+        inf = cls(
+            model,
+            method,
+            header["hessian_regularization"],
+            progress=progress,
+            **options,
+        )
+        needs_data = method in ("cg", "lissa") or (
+            method == "arnoldi" and options.get("residuals", False)
+        )
+        expected = int(header["num_training_samples"])
+        if training_data is None:
+            if needs_data:
+                raise InputError(
+                    f"{method} queries multiply by the training Hessian: pass the "
+                    f"training data ({expected} points) to Influence.load(path, "
+                    "model, training_data)."
+                )
+            base: LinearOperator = _DetachedOperator(inf._guarded)
+        else:
+            hessian = HessianOperator(inf._guarded, training_data, progress=progress)
+            count = hessian.reader.num_samples
+            if count != expected:
+                raise InputError(
+                    f"training_data has {count} points but the saved Influence was "
+                    f"fitted on {expected}: pass the same training data."
+                )
+            base = hessian
+        operator = base.shift(inf._regularization)
+        state_arrays = {
+            name[len("state.") :]: value
+            for name, value in arrays.items()
+            if name.startswith("state.")
+        }
+        importer = _state_io(inf._solver)[1]
+        state = importer(state_arrays, header["state"], operator)
+        inf._fitted = _Fitted(state, operator, training_data, expected)
+        return inf
+
+    # -- helpers -------------------------------------------------------------
+
+    def _require_fitted(self) -> _Fitted:
+        fitted = self._fitted
+        if fitted is None:
+            raise RuntimeError(
+                "This Influence is not fitted yet: call fit(training_data) first."
+            )
+        return fitted
+
+    def _set_info(self, info: SolveInfo) -> None:
+        with self._lock:
+            self._info = info
+
+    def _input(self, fitted: _Fitted, input_data: Any) -> tuple[Any, str]:
+        if input_data is not None:
+            return input_data, _data_name(input_data, fitted, "input_data")
+        if fitted.training_data is None:
+            raise InputError(
+                "input_data defaults to the training data, which this Influence "
+                "was loaded without: pass input_data, or training_data to "
+                "Influence.load."
+            )
+        return fitted.training_data, "training_data"
+
+    def _test_gradients(
+        self, fitted: _Fitted, test_data: Any, measurement: Measurement | None
+    ) -> Any:
+        model = self._guarded if measurement is None else self._measured(measurement)
+        name = _data_name(test_data, fitted, "test_data")
+        reader = DataReader(test_data, name, model.backend, model.parameters)
+        desc = "Test gradients"
+        return _concat(list(_gradients(model, reader, self._progress, desc)))
+
+    def _measured(self, measurement: Measurement) -> TwiceDifferentiable:
+        """The model wrapped again with ``mean(measurement)`` as its loss, cached."""
+        if not callable(measurement):
+            raise TypeError(
+                f"measurement must be a callable measurement(predictions, targets) "
+                f"-> [B], got {type(measurement).__name__}."
+            )
+        with self._lock:
+            cached = self._measured_models.get(measurement)
+            if cached is None:
+                cached = _guard(_rewrap(self._model, _MeanOf(measurement)))
+                if len(self._measured_models) >= MEASUREMENT_CACHE:
+                    del self._measured_models[next(iter(self._measured_models))]
+                self._measured_models[measurement] = cached
+        return cached
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.is_fitted else "not fitted"
+        return (
+            f"Influence({self._solver!r}, hessian_regularization="
+            f"{self._regularization:g}, {state})"
+        )
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """What :meth:`Influence.fit` produces, never changed afterwards."""
+
+    state: Any
+    operator: LinearOperator
+    training_data: Any
+    num_samples: int
+
+
+def _data_name(data: Any, fitted: _Fitted, default: str) -> str:
+    """``"training_data"`` when ``data`` is the training data, else ``default``."""
+    return "training_data" if data is fitted.training_data else default
+
+
+# -- measurements ----------------------------------------------------------------
+
+
+class _MeanOf:
+    """The loss ``mean(measurement(predictions, targets))``.
+
+    Its per-sample gradient (the loss on a batch of one) is the gradient of the
+    measurement of that point.
+    """
+
+    def __init__(self, measurement: Measurement) -> None:
+        self.measurement = measurement
+
+    def __call__(self, predictions: Any, targets: Any) -> Any:
+        values = self.measurement(predictions, targets)
+        shape = tuple(getattr(values, "shape", ()) or ())
+        count = int(predictions.shape[0])
+        if shape != (count,):
+            raise InputError(
+                f"measurement must return one value per point, shape [B]=({count},), "
+                f"got {type(values).__name__} of shape {shape}. Reduce the other "
+                "axes in the measurement (for example select the true class)."
+            )
+        return values.mean()
+
+
+def _rewrap(model: TwiceDifferentiable, loss: Callable[[Any, Any], Any]) -> Any:
+    """``model``'s network wrapped again with another loss, on the same backend."""
+    if hasattr(model, "with_loss"):
+        rewrapped = model.with_loss(loss)
+    elif hasattr(model, "apply_fn") and hasattr(model, "params"):
+        rewrapped = model.backend.twice_differentiable(
+            model.apply_fn, loss, params=model.params
+        )
+    elif hasattr(model, "model"):
+        rewrapped = model.backend.twice_differentiable(model.model, loss)
+    else:
+        raise TypeError(
+            f"measurement needs the model wrapped again with another loss, and "
+            f"{type(model).__name__} offers no way to (a with_loss(loss) method, "
+            "or model / apply_fn and params attributes)."
+        )
+    before, after = _parameter_hash(model), _parameter_hash(rewrapped)
+    if before != after:
+        raise InputError(
+            "The model's parameters changed since it was wrapped (SHA-256 "
+            f"{before[:16]}... then, {after[:16]}... now), so a measurement cannot "
+            "be attributed consistently: wrap the model again and fit a new "
+            "Influence."
+        )
+    return rewrapped
+
+
+# -- thread safety ---------------------------------------------------------------
+
+_MODULE_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_MODULE_LOCKS_LOCK = threading.Lock()
+
+
+def _guard(model: TwiceDifferentiable) -> TwiceDifferentiable:
+    """``model``, or a proxy that serialises its calls per wrapped network.
+
+    JAX functions are pure and a model may declare ``thread_safe = True``; any
+    other model (a torch module, whose functional calls swap its parameters
+    for the duration) is called by one thread at a time, shared by every
+    wrapper of the same network.
+    """
+    if getattr(model, "thread_safe", False) or model.backend.name == "jax":
+        return model
+    network = getattr(model, "model", model)
+    with _MODULE_LOCKS_LOCK:
+        try:
+            lock = _MODULE_LOCKS.setdefault(network, threading.RLock())
+        except TypeError:  # not weak-referenceable: one lock for this wrapper
+            lock = threading.RLock()
+    return _Serialised(model, lock)
+
+
+class _Serialised:
+    """A :class:`~influx.TwiceDifferentiable` whose derivatives hold a lock."""
+
+    def __init__(self, model: TwiceDifferentiable, lock: threading.RLock) -> None:
+        self._wrapped, self._call_lock = model, lock
+
+    @property
+    def backend(self) -> Any:
+        return self._wrapped.backend
+
+    @property
+    def num_params(self) -> int:
+        return self._wrapped.num_params
+
+    @property
+    def dtype(self) -> Any:
+        return self._wrapped.dtype
+
+    @property
+    def parameters(self) -> Any:
+        return self._wrapped.parameters
+
+    def per_sample_grads(self, x: Any, y: Any) -> tuple[Any, Any]:
+        with self._call_lock:
+            return self._wrapped.per_sample_grads(x, y)
+
+    def hvp(self, x: Any, y: Any, vectors: Any) -> Any:
+        with self._call_lock:
+            return self._wrapped.hvp(x, y, vectors)
+
+    def hessian(self, x: Any, y: Any) -> Any:
+        with self._call_lock:
+            return self._wrapped.hessian(x, y)
+
+    def mixed_grads(self, x: Any, y: Any, vectors: Any) -> Any:
+        with self._call_lock:
+            return self._wrapped.mixed_grads(x, y, vectors)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+# -- per-method pieces -------------------------------------------------------------
+
+
+def _quadratic_form(solver: Solver, state: Any, grads: Any) -> Any | None:
+    """``<A^{-1} g_k, g_k>`` from a factorised state, or ``None`` to solve."""
+    if isinstance(state, _direct.DirectState):
+        return _direct.quadratic_form(state, grads)
+    if isinstance(solver, ArnoldiSolver) and isinstance(state, _arnoldi.ArnoldiState):
+        return _arnoldi.quadratic_form(solver, state, grads)
+    return None
+
+
+_STATE_IO: list[tuple[type[Solver], Any, Any]] = [
+    (DirectSolver, _direct.export_state, _direct.import_state),
+    (CgSolver, _cg.export_state, _cg.import_state),
+    (LissaSolver, _lissa.export_state, _lissa.import_state),
+    (ArnoldiSolver, _arnoldi.export_state, _arnoldi.import_state),
+]
+
+
+def _state_io(solver: Solver) -> tuple[Any, Any]:
+    for kind, exporter, importer in _STATE_IO:
+        if type(solver) is kind:
+            return exporter, importer
+    raise TypeError(
+        f"cannot save or load the state of {type(solver).__name__}: only the "
+        "built-in solvers (direct, cg, lissa, arnoldi) can be saved."
+    )
+
+
+def _join_infos(infos: list[SolveInfo]) -> SolveInfo:
+    """One :class:`SolveInfo` for solves of consecutive right-hand sides."""
+    if len(infos) == 1:
+        return infos[0]
+    messages = dict.fromkeys(info.message for info in infos if info.message)
+    return SolveInfo(
+        method=infos[0].method,
+        iterations=np.concatenate([info.iterations for info in infos]),
+        residual_norms=np.concatenate([info.residual_norms for info in infos]),
+        rhs_norms=np.concatenate([info.rhs_norms for info in infos]),
+        converged=np.concatenate([info.converged for info in infos]),
+        message="; ".join(messages),
+        extra=infos[-1].extra,
+    )
+
+
+class _RunningTopK:
+    """The ``k`` best columns seen so far of each row, ties to the smaller index.
+
+    Candidates are kept in index order among equal values, so a stable sort on
+    the value alone breaks ties by index.
+    """
+
+    def __init__(self, k: int, largest: bool) -> None:
+        self.k, self.largest = k, largest
+        self.values: np.ndarray | None = None
+        self.indices: np.ndarray | None = None
+        self.seen = 0
+
+    def add(self, block: np.ndarray) -> None:
+        """Merge a block ``[N_test, B]`` of the next ``B`` columns."""
+        width = int(block.shape[1])
+        columns = np.arange(self.seen, self.seen + width, dtype=np.int64)
+        new_indices = np.broadcast_to(columns, block.shape)
+        self.seen += width
+        if self.values is None:
+            values, indices = block, new_indices
+        else:
+            values = np.concatenate([self.values, block], axis=1)
+            indices = np.concatenate([self.indices, new_indices], axis=1)
+        key = -values if self.largest else values
+        order = np.argsort(key, axis=1, kind="stable")[:, : self.k]
+        self.values = np.take_along_axis(values, order, axis=1)
+        self.indices = np.take_along_axis(indices, order, axis=1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.values is not None and self.indices is not None
+        return np.ascontiguousarray(self.values), np.ascontiguousarray(self.indices)
+
+
+class _DetachedOperator(LinearOperator):
+    """Stands in for the Hessian of a loaded state with no training data.
+
+    Gives the size, namespace and backend that a factorised state needs; any
+    product with the Hessian is an error that says to pass the training data.
+    """
+
+    def __init__(self, model: TwiceDifferentiable) -> None:
+        self.model, self.size = model, model.num_params
+
+    @property
+    def like(self) -> Any:
+        return self.model.parameters
+
+    @property
+    def backend(self) -> Any:
+        return self.model.backend
+
+    def mv(self, vectors: Any) -> Any:
+        raise InputError(
+            "This Influence was loaded without training data, and this query "
+            "multiplies by the training Hessian: pass training_data to "
+            "Influence.load."
+        )
+
+
+# -- the saved file ----------------------------------------------------------------
+
+
+def _parameter_hash(model: TwiceDifferentiable) -> str:
+    """SHA-256 of the flat parameters' bytes, in the model's dtype."""
+    host = np.ascontiguousarray(model.backend.to_numpy(model.parameters))
+    return hashlib.sha256(host.tobytes()).hexdigest()
+
+
+def _model_facts(model: TwiceDifferentiable) -> dict[str, Any]:
+    backend = model.backend
+    framework = getattr(backend, "framework_module", backend.name)
+    try:
+        version = metadata.version(framework)
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    host = model.backend.to_numpy(model.parameters)
+    return {
+        "backend": backend.name,
+        "framework": framework,
+        "framework_version": version,
+        "num_params": int(model.num_params),
+        "dtype": str(np.asarray(host).dtype),
+        "parameters_sha256": _parameter_hash(model),
+    }
+
+
+def _influx_version() -> str:
+    import influx
+
+    return str(getattr(influx, "__version__", "unknown"))
+
+
+def _read_header(arrays: dict[str, np.ndarray], path: Any) -> dict[str, Any]:
+    raw = arrays.get("header")
+    header = None
+    if raw is not None and raw.dtype == np.uint8:
+        try:
+            header = json.loads(raw.tobytes().decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise InputError(
+            f"{os.fspath(path)!r} is not a file written by influx.Influence.save."
+        )
+    if header.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{os.fspath(path)!r} has format version {header.get('format_version')}, "
+            f"this influx reads version {FORMAT_VERSION}: fit and save again."
+        )
+    return header
+
+
+def _check_same_model(header: dict[str, Any], model: Any, path: Any) -> None:
+    facts = _model_facts(model)
+    for key, what in (
+        ("backend", "backend"),
+        ("num_params", "parameter count"),
+        ("dtype", "dtype"),
+        ("parameters_sha256", "parameters (SHA-256)"),
+    ):
+        if facts[key] != header[key]:
+            raise InputError(
+                f"The model does not match the one {os.fspath(path)!r} was fitted "
+                f"on: its {what} is {facts[key]}, the saved one {header[key]}. "
+                "Load with the same model, with the same parameters, or fit again."
+            )
+
+
+def _encode_options(solver: Solver) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The solver's options as JSON, and the array-valued ones as arrays."""
+    options: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name in solver.option_names():
+        if not hasattr(solver, name):
+            continue
+        value = getattr(solver, name)
+        if value is None or isinstance(value, bool | str):
+            options[name] = value
+        elif isinstance(value, int | np.integer):
+            options[name] = int(value)
+        elif isinstance(value, float | np.floating):
+            options[name] = float(value)
+        elif isinstance(value, NystromPreconditioner):
+            options[name] = {
+                "preconditioner": value.name,
+                "rank": value.rank,
+                "seed": value.seed,
+            }
+        elif hasattr(value, "shape"):
+            key = f"option.{name}"
+            arrays[key] = np.asarray(_to_host(value))
+            options[name] = {"array": key}
+        else:
+            raise TypeError(
+                f"cannot save the {solver.name} option {name}={value!r}: only "
+                "numbers, strings, arrays and the Nystrom preconditioner can be "
+                "saved."
+            )
+    return options, arrays
+
+
+def _decode_options(
+    options: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    decoded: dict[str, Any] = {}
+    for name, value in options.items():
+        if isinstance(value, dict) and "array" in value:
+            decoded[name] = arrays[value["array"]]
+        elif isinstance(value, dict) and value.get("preconditioner") == "nystrom":
+            decoded[name] = NystromPreconditioner(
+                rank=value["rank"], seed=value["seed"]
+            )
+        else:
+            decoded[name] = value
+    return decoded
+
+
+def _to_host(array: Any) -> np.ndarray:
+    if isinstance(array, np.ndarray):
+        return array
+    from influx.backends import detect_backend
+
+    owner = detect_backend(array)
+    return owner.to_numpy(array) if owner is not None else np.asarray(array)
