@@ -24,6 +24,9 @@ TORCH_SPEC = os.environ.get("INFLUX_TORCH_SPEC", "torch==2.13.0")
 TORCH_PYTHON = "3.11"
 JAX_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
+#: flax (linen variables, nnx modules) and equinox modules, tested on JAX.
+JAX_LIBRARIES = ["flax>=0.10", "equinox>=0.11"]
+
 MATRIX = [(TORCH_PYTHON, "torch")] + [(python, "jax") for python in JAX_PYTHONS]
 
 
@@ -59,6 +62,9 @@ def _install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session, backend: str) -> None:
     """The test suite on one backend and Python version."""
     _install(session, backend)
+    if backend == "jax":
+        # The JAX model libraries influx wraps as they are (tests skip without).
+        session.install(*JAX_LIBRARIES)
     session.run("pytest", f"--backend={backend}", *session.posargs)
 
 
