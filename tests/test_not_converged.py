@@ -76,7 +76,7 @@ def test_lissa_too_few_steps(backend_name):
 
 
 def test_arnoldi_krylov_basis_too_small(backend_name):
-    model, train, test, direct = problem(backend_name)
+    model, train, test, _ = problem(backend_name)
     inf = influx.Influence(
         model, "arnoldi", REG, rank_estimate=6, krylov_dimension=8, tol=1e-12
     )
