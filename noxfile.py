@@ -2,8 +2,10 @@
 agreement, lint, the demo, and the benchmark.
 
 ``nox`` runs the default sessions (lint, core, tests, cross); ``nox -l`` lists
-them. Interpreters that are not installed are skipped. ``nox -s bench`` (not a
-default: it is long) runs ``benchmarks/bench.py`` against pyDVL.
+them. Interpreters that are not installed are skipped. ``nox -s coverage``
+(not a default) runs the suite on both backends under coverage and prints the
+report; ``nox -s bench`` (not a default: it is long) runs
+``benchmarks/bench.py`` against pyDVL.
 """
 
 from __future__ import annotations
@@ -73,6 +75,26 @@ def cross(session: nox.Session) -> None:
     """torch and JAX on the same weights must agree (both installed)."""
     _install(session, "torch", "jax")
     session.run("pytest", "-m", "cross", "--backend=torch,jax", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def coverage(session: nox.Session) -> None:
+    """The whole suite on both backends under coverage; prints the report.
+
+    Not a default session. Arguments go to pytest. zarr is installed here
+    (not in the test extra) so that the zarr output tests run rather than skip.
+    """
+    _install(session, "torch", "jax")
+    session.install("zarr")
+    session.run(
+        "pytest",
+        "--backend=torch,jax",
+        "--cov=influx",
+        "--cov=influx_torch",
+        "--cov=influx_jax",
+        "--cov-report=term",
+        *session.posargs,
+    )
 
 
 @nox.session(python=TORCH_PYTHON)

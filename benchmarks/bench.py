@@ -19,8 +19,8 @@ that fails or times out still leaves a ``result.json`` with an ``error``.
 The references (influx on torch in float64) go to
 ``RESULTS/<workload>/reference/<method>/``: Direct (up-weighting and
 perturbation) on W1, CG to ``rtol=1e-10`` on W2 (Direct is out of reach).
-A peer whose interpreter is missing is skipped with a note; so is W3 while
-``benchmarks/memory_w3.py`` does not exist.
+A peer whose interpreter is missing is skipped with a note. W3 is
+``benchmarks/memory_w3.py``'s memory sweep.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ REFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
     "W2": {"cg": ("--options", json.dumps({"rtol": 1e-10, "atol": 0}))},
 }
 
-#: The W3 (memory) script; written separately, skipped while it is missing.
+#: The W3 (memory) script.
 MEMORY_W3 = BENCH_DIR / "memory_w3.py"
 
 
@@ -373,15 +373,11 @@ def run_w3(
 ) -> None:
     """The W3 memory sweep: hand over to ``benchmarks/memory_w3.py``.
 
-    The script is expected to write ``RESULTS/W3/<tool>/n<N>/result.json``
-    (keys ``n_train``, ``peak_mib``, ``median_s``), which the report reads.
-    It gets ``--out RESULTS/W3``, ``--tools`` and one ``--peer-python
-    TOOL=PATH`` per available peer; adjust here if its command line differs.
-    Skipped with a note while the script does not exist.
+    The script writes ``RESULTS/W3/<tool>/n<N>/result.json`` (keys
+    ``n_train``, ``peak_mib``, ``median_s``), which the report reads. It gets
+    ``--out RESULTS/W3``, ``--tools`` and one ``--peer-python TOOL=PATH`` per
+    available peer.
     """
-    if not MEMORY_W3.exists():
-        notes.append(f"W3 skipped: {MEMORY_W3.relative_to(ROOT)} does not exist")
-        return
     out = results / "W3"
     argv = [
         sys.executable,

@@ -14,7 +14,6 @@ Needs torch and scikit-learn. Deterministic for a given torch build. Run
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -23,16 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _models import torch_mlp
 from _workloads import cache_dir
-
-
-def _mlp(sizes: list[int]) -> torch.nn.Sequential:
-    layers: list[torch.nn.Module] = []
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        if i:
-            layers.append(torch.nn.Tanh())
-        layers.append(torch.nn.Linear(n_in, n_out))
-    return torch.nn.Sequential(*layers)
 
 
 def _weights(model: torch.nn.Sequential) -> dict[str, np.ndarray]:
@@ -65,7 +56,7 @@ def make_w1() -> dict[str, np.ndarray]:
         x, y, train_size=1000, test_size=100, stratify=y, random_state=0
     )
     torch.manual_seed(0)
-    model = _mlp([64, 32, 10])
+    model = torch_mlp([64, 32, 10])
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64))
     optimizer = torch.optim.LBFGS(
         model.parameters(),
@@ -109,7 +100,7 @@ def make_w2() -> dict[str, np.ndarray]:
     noisy = rng.random(y.size) < 0.1
     y[noisy] = rng.integers(0, 10, noisy.sum())
     torch.manual_seed(2)
-    model = _mlp([dim, 256, 256, 10])
+    model = torch_mlp([dim, 256, 256, 10])
     xt, yt = (
         torch.from_numpy(x[:n_train]),
         torch.from_numpy(y[:n_train].astype(np.int64)),

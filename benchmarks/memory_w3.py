@@ -86,10 +86,9 @@ def _weights() -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _model(tool: str) -> Any:
-    from run_influx import jax_model, torch_model
+    from _models import influx_model
 
-    build = torch_model if tool == "influx-torch" else jax_model
-    return build(_weights(), "float32")[0]
+    return influx_model(tool.removeprefix("influx-"), _weights(), "float32")[0]
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import Measurement, measure, write_result
+from _models import torch_module
 from _workloads import Workload, load
 
 METHODS = ("direct", "cg", "lissa", "arnoldi", "direct-pert")
@@ -95,28 +96,8 @@ class Plan:
 
 
 def build_model(workload: Workload) -> torch.nn.Sequential:
-    """The workload's MLP in float32, eval mode, weights copied exactly.
-
-    Parameters
-    ----------
-    workload
-        Its ``weights`` are ``(weight [out, in], bias [out])`` per layer.
-
-    Returns
-    -------
-    torch.nn.Sequential
-        ``Linear -> Tanh -> ... -> Linear`` (logits, no final activation).
-    """
-    layers: list[torch.nn.Module] = []
-    for index, (weight, bias) in enumerate(workload.weights):
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(weight))
-            linear.bias.copy_(torch.from_numpy(bias))
-        layers.append(linear)
-        if index < len(workload.weights) - 1:
-            layers.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*layers).float().eval()
+    """The workload's MLP in float32, eval mode (the shared builder's)."""
+    return torch_module(workload.weights, "float32")
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

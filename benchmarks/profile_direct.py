@@ -38,7 +38,7 @@ def _median(call: Callable[[], Any], repeats: int = 5) -> float:
 
 def profile_influx() -> dict[str, float]:
     import torch
-    from run_influx import torch_model
+    from _models import torch_model
 
     import influx
     from influx.operators import HessianOperator

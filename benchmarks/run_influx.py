@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import measure, write_result
+from _models import influx_model, jax_model, torch_model  # noqa: F401 (re-exported)
 from _workloads import load
 
 import influx
@@ -39,74 +40,14 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def torch_model(
-    weights: list[tuple[np.ndarray, np.ndarray]], dtype: str
-) -> tuple[Any, Any]:
-    """The tanh MLP of ``weights`` wrapped for torch, and a numpy-to-tensor map."""
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    layers: list[torch.nn.Module] = []
-    for i, (weight, bias) in enumerate(weights):
-        if i:
-            layers.append(torch.nn.Tanh())
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=torch_dtype)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(weight))
-            linear.bias.copy_(torch.from_numpy(bias))
-        layers.append(linear)
-    module = torch.nn.Sequential(*layers)
-    model = influx.twice_differentiable(module, torch.nn.functional.cross_entropy)
-
-    def tensor(array: np.ndarray) -> Any:
-        out = torch.from_numpy(array)
-        return out.to(torch_dtype) if out.is_floating_point() else out
-
-    return model, tensor
-
-
-def jax_model(
-    weights: list[tuple[np.ndarray, np.ndarray]], dtype: str
-) -> tuple[Any, Any]:
-    """The tanh MLP of ``weights`` wrapped for JAX, and a numpy-to-array map."""
-    import jax
-    import jax.numpy as jnp
-
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    params = [
-        {"w": jnp.asarray(w.T, dtype=dtype), "b": jnp.asarray(b, dtype=dtype)}
-        for w, b in weights
-    ]
-
-    def apply(params: list[dict[str, Any]], x: Any) -> Any:
-        for layer in params[:-1]:
-            x = jnp.tanh(x @ layer["w"] + layer["b"])
-        return x @ params[-1]["w"] + params[-1]["b"]
-
-    def cross_entropy(logits: Any, labels: Any) -> Any:
-        picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-        return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
-
-    model = influx.twice_differentiable(apply, cross_entropy, params=params)
-
-    def array(values: np.ndarray) -> Any:
-        if np.issubdtype(values.dtype, np.floating):
-            return jnp.asarray(values, dtype=dtype)
-        return jnp.asarray(values.astype(np.int32))
-
-    return model, array
-
-
 def run(args: argparse.Namespace) -> None:
     workload = load(args.workload)
     spec = workload.spec
-    build = torch_model if args.backend == "torch" else jax_model
     if args.backend == "torch" and args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, to_native = build(workload.weights, args.dtype)
+    model, to_native = influx_model(args.backend, workload.weights, args.dtype)
     method, kind, options = METHODS[args.method]
     options = {**options, **json.loads(args.options)}
     train = influx.batches(

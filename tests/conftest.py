@@ -50,6 +50,10 @@ def selected_backends(config: pytest.Config) -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Added here rather than in pyproject's filterwarnings: pytest resolves the
+    # category of an ini filter at startup, importing influx before pytest-cov
+    # starts, so every module-level line of the package would read as missed.
+    config.addinivalue_line("filterwarnings", "error::influx.NotConvergedWarning")
     if _installed("jax"):
         import jax
 

@@ -276,16 +276,30 @@ def test_nystrom_on_indefinite_hessian_made_definite_by_the_shift():
 
 
 def test_nystrom_is_reproducible_and_seeded():
+    # Rank 10 against 20 large eigenvalues: the sketch depends on its seed.
     matrix = _decaying_spectrum(size=60)
     op = DenseOperator(matrix, tags=SYM).shift(0.01)
     rhs = np.random.default_rng(1).standard_normal((2, 60))
-    iterations = []
+    expected = numpy_solve(matrix + 0.01 * np.eye(60), rhs)
+    probe = np.random.default_rng(2).standard_normal((3, 60))
+    applied, solutions = [], []
     for seed in (0, 0, 1):
+        fitted = NystromPreconditioner(10, seed=seed).fit(op, np.float64)
+        applied.append(fitted.apply(probe))
         solver = CgSolver(
             rtol=1e-10, atol=0.0, preconditioner=NystromPreconditioner(10, seed=seed)
         )
-        iterations.append(solver.solve(solver.init(op), rhs)[1].iterations)
-    np.testing.assert_array_equal(iterations[0], iterations[1])
+        x, info = solver.solve(solver.init(op), rhs)
+        assert info.all_converged, seed
+        assert rel_err(x, expected) < 1e-7, seed
+        solutions.append((x, info.iterations))
+    # The same seed reproduces the sketch and the solve bitwise.
+    np.testing.assert_array_equal(applied[0], applied[1])
+    np.testing.assert_array_equal(solutions[0][0], solutions[1][0])
+    np.testing.assert_array_equal(solutions[0][1], solutions[1][1])
+    # Another seed draws another sketch: a different preconditioner.
+    assert rel_err(applied[2], applied[0]) > 1e-3
+    assert not np.array_equal(solutions[2][0], solutions[0][0])
 
 
 @pytest.mark.parametrize(
