@@ -81,11 +81,10 @@ def cross(session: nox.Session) -> None:
 def coverage(session: nox.Session) -> None:
     """The whole suite on both backends under coverage; prints the report.
 
-    Not a default session. Arguments go to pytest. zarr is installed here
-    (not in the test extra) so that the zarr output tests run rather than skip.
+    Not a default session. Arguments go to pytest.
     """
     _install(session, "torch", "jax")
-    session.install("zarr")
+    session.install(*JAX_LIBRARIES)
     session.run(
         "pytest",
         "--backend=torch,jax",
