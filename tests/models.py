@@ -156,3 +156,22 @@ def frobenius_err(actual: Any, expected: Any) -> float:
     """``||actual - expected|| / ||expected||`` (Frobenius)."""
     actual, expected = to_numpy(actual), np.asarray(expected)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def batch_hessian(model: Any, x: Any, y: Any) -> np.ndarray:
+    """Dense Hessian ``[P, P]`` of the batch-mean loss, numpy float64.
+
+    An independent reference: the framework's own full-Hessian transform
+    (``torch.func.hessian``, ``jax.hessian``) of the adapter's batch loss,
+    not influx's batched Hessian-vector products.
+    """
+    backend, theta = model.backend, model.parameters
+    x, y = backend.asarray(x, like=theta), backend.asarray(y, like=theta)
+    if backend.name == "torch":
+        from torch.func import hessian
+
+        with model._eval_mode():
+            return to_numpy(hessian(model._batch_loss)(theta, x, y))
+    import jax
+
+    return to_numpy(jax.hessian(model._batch_loss)(theta, x, y))

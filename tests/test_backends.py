@@ -683,7 +683,7 @@ def test_plugin_derivatives_match_finite_differences(fake_dist: Any) -> None:
         ]
     )
     np.testing.assert_allclose(model.hvp(x, y, vectors), fd_hvp, rtol=1e-9, atol=1e-11)
-    hessian = model.hessian(x, y)
+    hessian = influx.HessianOperator(model, [(x, y)]).to_dense()  # from hvp
     np.testing.assert_allclose(hessian, hessian.T, atol=1e-14)
     np.testing.assert_allclose(vectors @ hessian, fd_hvp, rtol=1e-9, atol=1e-11)
 
@@ -729,6 +729,25 @@ def test_plugin_influences_equal_the_closed_form(
     np.testing.assert_allclose(
         result, expected, rtol=1e-8, atol=1e-8 * np.abs(expected).max()
     )
+    if method == "direct":  # the core asked the plugin for its dense solve
+        assert "cholesky_solve" in module.NumpyBackend.linalg_calls
+
+
+def test_plugin_dense_solves_serve_self_influence(fake_dist: Any) -> None:
+    module = _plugin_module()
+    problem = _linear_problem()
+    model = influx.twice_differentiable(
+        module.LinearModel(problem["weight"], problem["bias"]),
+        module.mean_squared_error,
+    )
+    train = influx.batches(*problem["train"], batch_size=5)
+    inf = influx.Influence(model, "direct", problem["lam"]).fit(train)
+    module.NumpyBackend.linalg_calls.clear()
+    values = inf.self_influence(train)
+    assert module.NumpyBackend.linalg_calls == ["solve_triangular"] * len(train)
+    both = {**problem, "test": problem["train"], "input": problem["train"]}
+    expected = np.diag(closed_form(both)[0])
+    np.testing.assert_allclose(values, expected, rtol=1e-10)
 
 
 def test_plugin_factors_and_info(fake_dist: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from models import mlp_weights, to_numpy, wrap_mlp
+from models import batch_hessian, mlp_weights, to_numpy, wrap_mlp
 
 import influx
 
@@ -65,12 +65,7 @@ def problem(loss: str) -> dict[str, Any]:
     else:
         y, y_test = rng.integers(0, 3, N), rng.integers(0, 3, T)
     model = model_for("torch", loss)
-    like = model.parameters
-    hessian = to_numpy(
-        model.hessian(
-            model.backend.asarray(x, like=like), model.backend.asarray(y, like=like)
-        )
-    )
+    hessian = batch_hessian(model, x, y)
     eigenvalues = np.linalg.eigvalsh(hessian)
     lam = float(max(0.0, -eigenvalues[0]) + MARGIN)
     return {

@@ -238,9 +238,9 @@ def test_fit_runs_once_and_queries_reuse_it(
     inits = []
 
     class CountingSolver(solver_class):  # type: ignore[misc, valid-type]
-        def init(self, operator: Any, *, progress: bool = False) -> Any:
+        def init(self, operator: Any, **kwargs: Any) -> Any:
             inits.append(operator)
-            return super().init(operator, progress=progress)
+            return super().init(operator, **kwargs)
 
     inf = influx.Influence(model, CountingSolver(**OPTIONS[method]), LAMBDA)
     inf.fit(train)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from models import linear_weights, mlp_weights, rel_err, to_numpy, wrap_mlp
+from models import (
+    batch_hessian,
+    linear_weights,
+    mlp_weights,
+    rel_err,
+    to_numpy,
+    wrap_mlp,
+)
 
 import influx
 from influx.operators import DenseOperator, HessianOperator
@@ -163,12 +170,7 @@ def test_indefinite_mlp_hessian_reports_a_positive_largest(backend_name):
     x, y = rng.standard_normal((12, 2)), rng.standard_normal((12, 1))
     model = wrap_mlp(backend_name, mlp_weights((2, 3, 1), seed=2), loss="mse")
     train = influx.batches(x, y, batch_size=4)
-    hessian = to_numpy(
-        model.hessian(
-            model.backend.asarray(x, like=model.parameters),
-            model.backend.asarray(y, like=model.parameters),
-        )
-    )
+    hessian = batch_hessian(model, x, y)
     eigenvalues = np.linalg.eigvalsh(hessian)
     assert eigenvalues[0] < -1e-3 < 1e-3 < eigenvalues[-1]
     with pytest.raises(influx.InputError, match="positive definite") as excinfo:
@@ -195,12 +197,12 @@ def test_numpy_integers_and_floats_are_accepted():
     arnoldi = ArnoldiSolver(
         rank_estimate=np.int64(2),
         krylov_dimension=np.int16(5),
-        max_iter=np.int64(50),
+        maxiter=np.int64(50),
         tol=np.float32(1e-6),
         seed=np.uint8(1),
     )
     assert (arnoldi.rank_estimate, arnoldi.krylov_dimension) == (2, 5)
-    assert type(arnoldi.rank_estimate) is int and type(arnoldi.max_iter) is int
+    assert type(arnoldi.rank_estimate) is int and type(arnoldi.maxiter) is int
     nystrom = NystromPreconditioner(rank=np.int64(3), seed=np.int64(0))
     assert type(nystrom.rank) is int and type(nystrom.seed) is int
 
@@ -213,7 +215,7 @@ def test_numpy_maxiter_solves(backend_name):
     options = {
         "cg": {"maxiter": np.int64(50), "rtol": np.float32(1e-6)},
         "lissa": {"maxiter": np.int64(500), "rtol": np.float64(1e-10)},
-        "arnoldi": {"rank_estimate": np.int64(3), "max_iter": np.int64(50)},
+        "arnoldi": {"rank_estimate": np.int64(3), "maxiter": np.int64(50)},
     }
     for method, kwargs in options.items():
         factors = influx.compute_influence_factors(

@@ -251,9 +251,6 @@ class _GradOnly:
     def hvp(self, x: Any, y: Any, vectors: Any) -> Any:
         return self._model.hvp(x, y, vectors)
 
-    def hessian(self, x: Any, y: Any) -> Any:
-        return self._model.hessian(x, y)
-
     def mixed_grads(self, x: Any, y: Any, vectors: Any) -> Any:
         return self._model.mixed_grads(x, y, vectors)
 

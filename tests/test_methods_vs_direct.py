@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from models import frobenius_err, mlp_weights, rel_err, to_numpy, wrap_mlp
+from models import (
+    batch_hessian,
+    frobenius_err,
+    mlp_weights,
+    rel_err,
+    to_numpy,
+    wrap_mlp,
+)
 
 import influx
 
@@ -56,7 +63,7 @@ def setup(backend_name: str, loss: str) -> Setup:
     def native(a: np.ndarray) -> Any:
         return model.backend.asarray(a, like=model.parameters)
 
-    hessian = to_numpy(model.hessian(native(x), native(y)))
+    hessian = batch_hessian(model, x, y)
     lam = float(max(0.0, -np.linalg.eigvalsh(hessian)[0]) + MARGIN)
     train = influx.batches(x, y, batch_size=BATCH)
     test = influx.batches(x_test, y_test, batch_size=TEST_BATCH)
@@ -274,12 +281,7 @@ def test_return_info(backend_name, method, options):
         # On one batch LiSSA is deterministic; its Hessian is that batch's.
         train = [s.train[0]]
         x0, y0 = train[0]
-        hessian = to_numpy(
-            s.model.hessian(
-                s.model.backend.asarray(x0, like=s.model.parameters),
-                s.model.backend.asarray(y0, like=s.model.parameters),
-            )
-        )
+        hessian = batch_hessian(s.model, x0, y0)
         lam = float(max(0.0, -np.linalg.eigvalsh(hessian)[0]) + MARGIN)
     else:
         train, hessian, lam = s.train, s.hessian, s.lam

@@ -151,7 +151,7 @@ def test_torch_model_unchanged_after_success(arrays: Any) -> None:
             to_numpy(iterative), to_numpy(direct), rtol=1e-8, atol=1e-10
         )
     _assert_torch_unchanged(net, before)
-    model.hessian(*[torch.as_tensor(a) for a in arrays])
+    model.hvp(*[torch.as_tensor(a) for a in arrays], torch.eye(model.num_params))
     model.grad(*[torch.as_tensor(a) for a in arrays])
     _assert_torch_unchanged(net, before)
 

@@ -469,7 +469,7 @@ SEED_OPTIONS = {
         "rank_estimate": 2,
         "krylov_dimension": 3,
         "tol": 1e-9,
-        "max_iter": 50,
+        "maxiter": 50,
         "eigensolver": "arpack",
         "remainder": "drop",
         "seed": 3,

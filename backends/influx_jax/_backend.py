@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 
 from influx_jax import _cache
@@ -79,11 +80,15 @@ class JaxBackend:
         """JAX's persistent compilation cache (see ``influx_jax._cache``)."""
         return _cache.enable_compilation_cache(*args, **kwargs)
 
-    def train_demo_model(self, *args: Any, **kwargs: Any) -> Any:
-        """Train the small classifier of ``influx demo`` (see ``_demo``)."""
-        from influx_jax._demo import train_demo_model
+    def cholesky_solve(self, factor: jax.Array, rhs: jax.Array) -> jax.Array:
+        """``A^{-1} rhs`` (``[P, K]``) from the lower Cholesky factor of ``A``."""
+        return jax.scipy.linalg.cho_solve((factor, True), rhs)
 
-        return train_demo_model(*args, **kwargs)
+    def solve_triangular(
+        self, factor: jax.Array, rhs: jax.Array, *, lower: bool = True
+    ) -> jax.Array:
+        """``factor^{-1} rhs`` (``[P, K]``) for a triangular ``factor``."""
+        return jax.scipy.linalg.solve_triangular(factor, rhs, lower=lower)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, JaxBackend)

@@ -11,9 +11,11 @@ every wrapper used to compile its own functions. Here
 - the jitted functions take ``theta`` as an argument and are kept in a
   module-level cache keyed by the ``apply_fn`` and ``loss`` objects (held
   weakly: an entry goes when either function is garbage collected) and the
-  parameters' structure, so a second wrapper of the same model reuses them;
-- the Hessian is materialised by one jitted function (chunked batched HVPs
-  under ``jax.lax.map``) rather than a Python loop of small calls.
+  parameters' structure, so a second wrapper of the same model reuses them.
+
+A dense Hessian is not compiled here: the core builds it from batched HVPs
+with chunks of the identity of one size (``influx.operators.identity_chunks``),
+which compile once.
 """
 
 from __future__ import annotations
@@ -29,13 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influx.errors import InputError
+from influx._checks import scalar_loss
 
 __all__ = ["CompiledModel", "batch_bucket", "compiled_model", "vector_bucket"]
-
-#: Columns of the identity pushed through one batched HVP when materialising
-#: the Hessian.
-HESSIAN_CHUNK = 256
 
 #: Batch sizes up to this are padded to the next power of two; larger ones to
 #: a multiple of a quarter of the next power of two (at most 33% padding).
@@ -195,15 +193,6 @@ def _one(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: leaf[None], tree)
 
 
-def _scalar(value: Any) -> Any:
-    if jnp.ndim(value) != 0:
-        raise InputError(
-            f"loss must return a scalar (the mean over the batch), got shape "
-            f"{jnp.shape(value)}. Reduce it with a mean over the batch."
-        )
-    return value
-
-
 class CompiledModel:
     """The jitted functions of one ``(apply_fn, loss, parameter structure)``.
 
@@ -227,19 +216,20 @@ class CompiledModel:
         )
         self.grad = jax.jit(jax.grad(self._masked_loss))
         self.hvp = jax.jit(self._hvp)
-        self.hessian = jax.jit(self._hessian)
         self.mixed = jax.jit(self._mixed)
 
     def _sample_loss(self, theta: Any, x: Any, y: Any) -> Any:
         """``l(z, theta)``: the loss on a batch of one."""
-        return _scalar(self._loss(self._apply(self._unravel(theta), _one(x)), _one(y)))
+        return scalar_loss(
+            self._loss(self._apply(self._unravel(theta), _one(x)), _one(y))
+        )
 
     def _sample_losses(self, theta: Any, x: Any, y: Any) -> Any:
         """``[B]`` per-sample losses from one model evaluation on the batch."""
         predictions = self._apply(self._unravel(theta), x)
 
         def one(prediction: Any, target: Any) -> Any:
-            return _scalar(self._loss(_one(prediction), _one(target)))
+            return scalar_loss(self._loss(_one(prediction), _one(target)))
 
         return jax.vmap(one)(predictions, y)
 
@@ -256,16 +246,6 @@ class CompiledModel:
             return jax.jvp(lambda t: gradient(t, x, y, mask), (theta,), (v,))[1]
 
         return jax.vmap(single)(vectors)
-
-    def _hessian(self, theta: Any, x: Any, y: Any, mask: Any) -> Any:
-        gradient = jax.grad(self._masked_loss)
-
-        def column(v: Any) -> Any:
-            return jax.jvp(lambda t: gradient(t, x, y, mask), (theta,), (v,))[1]
-
-        eye = jnp.eye(theta.shape[0], dtype=theta.dtype)
-        chunk = min(HESSIAN_CHUNK, theta.shape[0])
-        return jax.lax.map(column, eye, batch_size=chunk)
 
     def _mixed(self, theta: Any, x: Any, y: Any, mask: Any, vectors: Any) -> Any:
         # The sum of the real points' losses: sample b's term depends on x_b

@@ -9,16 +9,12 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from influx._checks import scalar_loss
 from influx.errors import InputError
-from influx_jax import _compiled
 from influx_jax._compiled import compiled_model, pad_batch, pad_vectors, take_leading
 from influx_jax._libraries import split_model
 
 __all__ = ["JaxTwiceDifferentiable"]
-
-#: Columns of the identity pushed through one batched HVP when materialising
-#: the Hessian.
-HESSIAN_CHUNK = _compiled.HESSIAN_CHUNK
 
 
 class JaxTwiceDifferentiable:
@@ -83,23 +79,13 @@ class JaxTwiceDifferentiable:
         if not leaves:
             raise InputError("params is empty: pass the model's parameter pytree.")
         dtypes = {jnp.asarray(leaf).dtype for leaf in leaves}
-        if len(dtypes) > 1 or not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
+        if len(dtypes) > 1:  # floating and finite are checked by the core
             raise TypeError(
                 f"params leaves must share one floating dtype, got "
                 f"{sorted(map(str, dtypes))}. Cast them, e.g. with "
                 "jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)."
             )
         theta, unravel = ravel_pytree(params)
-        if not bool(jnp.all(jnp.isfinite(theta))):
-            paths = [
-                jax.tree_util.keystr(path)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-                if not bool(jnp.all(jnp.isfinite(leaf)))
-            ]
-            raise InputError(
-                f"params leaves {', '.join(paths)} hold NaN or inf values; influences "
-                "of a diverged model are meaningless. Check the training."
-            )
         self._apply_fn = apply_fn
         self._loss = loss
         self._params = params
@@ -150,16 +136,18 @@ class JaxTwiceDifferentiable:
         """Flat parameters ``theta``, ``[P]``."""
         return self._theta
 
+    @property
+    def parameter_blocks(self) -> list[tuple[str, int]]:
+        """``(path, size)`` of each parameter leaf, in ``theta`` order."""
+        return [
+            (jax.tree_util.keystr(path), int(jnp.size(leaf)))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(self._params)
+        ]
+
     # -- the functions jax transforms ---------------------------------------
 
     def _batch_loss(self, theta: jax.Array, x: Any, y: Any) -> jax.Array:
-        value = self._loss(self._apply_fn(self._unravel(theta), x), y)
-        if jnp.ndim(value) != 0:
-            raise InputError(
-                f"loss must return a scalar (the mean over the batch), got shape "
-                f"{jnp.shape(value)}. Reduce it with a mean over the batch."
-            )
-        return value
+        return scalar_loss(self._loss(self._apply_fn(self._unravel(theta), x), y))
 
     def _sample_loss(self, theta: jax.Array, x: Any, y: Any) -> jax.Array:
         return self._batch_loss(theta, x[None], y[None])
@@ -187,11 +175,6 @@ class JaxTwiceDifferentiable:
         count = int(vectors.shape[0])
         products = self._compiled.hvp(self._theta, x, y, mask, pad_vectors(vectors))
         return take_leading(products, count)
-
-    def hessian(self, x: Any, y: Any) -> jax.Array:
-        """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
-        _, x, y, mask = pad_batch(x, y)
-        return self._compiled.hessian(self._theta, x, y, mask)
 
     def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""

@@ -64,11 +64,15 @@ class TorchBackend:
             )
         return TorchTwiceDifferentiable(model, loss)
 
-    def train_demo_model(self, *args: Any, **kwargs: Any) -> Any:
-        """Train the small classifier of ``influx demo`` (see ``_demo``)."""
-        from influx_torch._demo import train_demo_model
+    def cholesky_solve(self, factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """``A^{-1} rhs`` (``[P, K]``) from the lower Cholesky factor of ``A``."""
+        return torch.cholesky_solve(rhs, factor, upper=False)
 
-        return train_demo_model(*args, **kwargs)
+    def solve_triangular(
+        self, factor: torch.Tensor, rhs: torch.Tensor, *, lower: bool = True
+    ) -> torch.Tensor:
+        """``factor^{-1} rhs`` (``[P, K]``) for a triangular ``factor``."""
+        return torch.linalg.solve_triangular(factor, rhs, upper=not lower)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TorchBackend)

@@ -11,13 +11,10 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
+from influx._checks import scalar_loss
 from influx.errors import InputError
 
 __all__ = ["TorchTwiceDifferentiable"]
-
-#: Columns of the identity pushed through one batched HVP when materialising
-#: the Hessian.
-HESSIAN_CHUNK = 256
 
 #: One re-entrant lock per module, shared by every wrapper of that module.
 _MODULE_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = (
@@ -100,7 +97,7 @@ class TorchTwiceDifferentiable:
             )
         dtypes = {p.dtype for _, p in trainable}
         devices = {p.device for _, p in trainable}
-        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
+        if len(dtypes) > 1:  # floating and finite are checked by the core
             raise TypeError(
                 f"model's differentiated parameters must share one floating dtype, "
                 f"got {sorted(map(str, dtypes))}. Convert the model with "
@@ -111,12 +108,6 @@ class TorchTwiceDifferentiable:
                 f"model's differentiated parameters are on several devices "
                 f"{sorted(map(str, devices))}; move the model to one device."
             )
-        for name, parameter in trainable:
-            if not bool(torch.isfinite(parameter.detach()).all()):
-                raise InputError(
-                    f"model parameter {name!r} holds NaN or inf values; influences "
-                    "of a diverged model are meaningless. Check the training."
-                )
         self._module = model
         self._loss = loss
         self._names = [n for n, _ in trainable]
@@ -175,6 +166,11 @@ class TorchTwiceDifferentiable:
         """Names of the differentiated parameters, in ``theta`` order."""
         return list(self._names)
 
+    @property
+    def parameter_blocks(self) -> list[tuple[str, int]]:
+        """``(name, size)`` of each differentiated parameter, in ``theta`` order."""
+        return list(zip(self._names, self._sizes, strict=True))
+
     # -- the functions torch.func transforms ---------------------------------
 
     def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,15 +197,7 @@ class TorchTwiceDifferentiable:
         x = self._inputs(x)
         with module_lock(self._module):  # re-entrant: held already by callers
             predictions = functional_call(self._module, params, (x,))
-        value = self._loss(predictions, y)
-        if not isinstance(value, torch.Tensor) or value.ndim != 0:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-            raise InputError(
-                f"loss must return a scalar (the mean over the batch), got "
-                f"{type(value).__name__} of shape {shape}. Use a reduction='mean' "
-                "loss."
-            )
-        return value
+        return scalar_loss(self._loss(predictions, y), "Use a reduction='mean' loss.")
 
     def _sample_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
         return self._batch_loss(theta, x.unsqueeze(0), y.unsqueeze(0))
@@ -248,16 +236,6 @@ class TorchTwiceDifferentiable:
         with self._eval_mode():
             _, pullback = vjp(lambda t: grad(self._batch_loss)(t, x, y), self._theta)
             return vmap(pullback)(vectors)[0].detach()
-
-    def hessian(self, x: Any, y: Any) -> torch.Tensor:
-        """Hessian of the batch-mean loss, ``[P, P]``, by chunked batched HVPs."""
-        size = self.num_params
-        eye = torch.eye(size, dtype=self.dtype, device=self.device)
-        rows = [
-            self.hvp(x, y, eye[i : i + HESSIAN_CHUNK])
-            for i in range(0, size, HESSIAN_CHUNK)
-        ]
-        return torch.cat(rows, dim=0)
 
     def mixed_grads(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:
         """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``.

@@ -41,6 +41,7 @@ from influx.solvers import (
     SolveInfo,
     Solver,
     make_solver,
+    register_solver,
 )
 
 __version__ = "0.1.0"
@@ -76,6 +77,7 @@ __all__ = [
     "enable_compilation_cache",
     "get_backend",
     "make_solver",
+    "register_solver",
     "twice_differentiable",
     "use_backend",
 ]

@@ -217,7 +217,12 @@ class Influence:
                 self._guarded, training_data, progress=self._progress
             )
             operator = hessian.shift(self._regularization)
-            state = self._solver.init(operator, progress=self._progress)
+            state = self._solver.init(
+                operator,
+                model=self._model,
+                training_data=training_data,
+                progress=self._progress,
+            )
             self._fitted = _Fitted(
                 state, operator, training_data, hessian.reader.num_samples
             )

@@ -10,8 +10,10 @@ harmful points. Everything is generated: no download.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,40 @@ class DemoResult:
     flipped: np.ndarray
     harmful_hits: int
     seconds: float
+
+
+def demo_trainer(backend: Any) -> Callable[..., Any]:
+    """The ``train_demo_model`` function of ``backend``'s demo module.
+
+    The demo is no part of the :class:`~influx.Backend` protocol: a backend
+    offers one by shipping a module ``_demo`` in the package of its class
+    (``influx_torch._demo`` next to ``influx_torch._backend``) with a function
+    ``train_demo_model(x, y, layers, *, epochs, learning_rate) -> (model,
+    predict)``: ``model`` the trained MLP wrapped with its cross-entropy loss,
+    ``predict`` a function from numpy inputs ``[M, D]`` to numpy logits
+    ``[M, C]``.
+
+    Raises
+    ------
+    ValueError
+        If the backend ships no demo.
+    """
+    package = type(backend).__module__.split(".")[0]
+    name = f"{package}._demo"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name not in (name, package):
+            raise
+        module = None
+    trainer = getattr(module, "train_demo_model", None)
+    if trainer is None:
+        raise ValueError(
+            f"The {backend.name!r} backend has no demo model (no function "
+            f"train_demo_model in a module {name}). Run the demo with "
+            "--backend torch or --backend jax."
+        )
+    return trainer
 
 
 def make_data(
@@ -111,8 +147,7 @@ def run_demo(
     """
     start = time.perf_counter()
     chosen = get_backend(resolve_backend_name(backend))
-    if not hasattr(chosen, "train_demo_model"):
-        raise ValueError(f"The {chosen.name!r} backend has no demo model.")
+    train_demo_model = demo_trainer(chosen)
     x_train, y_train, x_test, y_test, flipped = make_data(
         num_train, num_test, num_flipped, seed
     )
@@ -123,7 +158,7 @@ def run_demo(
         for i, o in itertools.pairwise(sizes)
     ]
     t0 = time.perf_counter()
-    model, predict = chosen.train_demo_model(
+    model, predict = train_demo_model(
         x_train, y_train, layers, epochs=300, learning_rate=0.03
     )
     train_seconds = time.perf_counter() - t0

@@ -120,7 +120,12 @@ def compute_influence_factors(
     )
     gradients = _gradients(model, test_reader, progress, "Test gradients")
     rhs = _concat([_on_host(g) for g in gradients] if host else list(gradients))
-    state = solver.init(operator.shift(hessian_perturbation), progress=progress)
+    state = solver.init(
+        operator.shift(hessian_perturbation),
+        model=model,
+        training_data=training_data,
+        progress=progress,
+    )
     factors, info = solver.solve(state, rhs, progress=progress)
     if host:
         factors = model.backend.asarray(factors, like=model.parameters)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from influx._checks import check_parameters
 from influx.backends import _configured, resolve_backend
 from influx.protocols import Backend, TwiceDifferentiable
 
@@ -55,7 +56,9 @@ def twice_differentiable(
     ------
     TypeError
         If the selected backend is not the model's framework, or the framework
-        cannot be told.
+        cannot be told, or the parameters are not floating.
+    InputError
+        If a parameter is NaN or inf (a diverged model).
     """
     if not callable(loss):
         raise TypeError(
@@ -73,4 +76,6 @@ def twice_differentiable(
                 "pytree too: twice_differentiable(apply_fn, loss, params=params)."
             ) from None
         raise
-    return chosen.twice_differentiable(model, loss, params=params)
+    wrapped = chosen.twice_differentiable(model, loss, params=params)
+    check_parameters(wrapped)
+    return wrapped

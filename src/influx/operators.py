@@ -23,7 +23,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
-from influx._checks import ensure_finite, evaluate
+from influx._checks import check_parameters, ensure_finite, evaluate
 from influx._loss_check import LossConventionCheck
 from influx._memory import check_dense_fits
 from influx._progress import progress_iter
@@ -87,18 +87,28 @@ class LinearOperator(abc.ABC):
             Shape ``[K, P]``, in the dtype of ``vectors``.
         """
 
-    def to_dense(self, progress: bool = False) -> Any:
-        """The operator as a matrix ``[P, P]`` in :attr:`dtype`.
+    def to_dense(self, progress: bool = False, *, dtype: Any = None) -> Any:
+        """The operator as a matrix ``[P, P]``.
 
-        The default applies :meth:`mv` to the identity, 256 columns at a time.
+        The default applies :meth:`mv` to chunks of the identity
+        (:func:`identity_chunks`).
+
+        Parameters
+        ----------
+        progress
+            Show a progress bar, where the operator has one.
+        dtype
+            Native dtype of the result, in which the products are accumulated;
+            ``None`` means :attr:`dtype`.
         """
         xp = array_namespace(self.like)
-        itemsize = xp.finfo(self.dtype).bits // 8
+        dtype = self.dtype if dtype is None else dtype
+        itemsize = xp.finfo(dtype).bits // 8
         check_dense_fits(self.size, itemsize, 3, "materialising the Hessian")
-        eye = xp.eye(self.size, dtype=self.dtype, device=array_device(self.like))
-        chunk = 256
-        rows = [self.mv(eye[i : i + chunk]) for i in range(0, self.size, chunk)]
-        return xp.concat(rows, axis=0).T
+        rows = [
+            self.mv(chunk) for chunk in identity_chunks(self.size, self.like, dtype)
+        ]
+        return xp.concat(rows, axis=0)[: self.size].T
 
     def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
         """Endless stream of unbiased, cheap estimates of :meth:`mv`.
@@ -200,8 +210,10 @@ class DenseOperator(LinearOperator):
         matrix = xp.astype(self.matrix, vectors.dtype)
         return vectors @ matrix.T
 
-    def to_dense(self, progress: bool = False) -> Any:
-        return self.matrix
+    def to_dense(self, progress: bool = False, *, dtype: Any = None) -> Any:
+        if dtype is None:
+            return self.matrix
+        return array_namespace(self.matrix).astype(self.matrix, dtype)
 
 
 class _CompositeOperator(LinearOperator):
@@ -247,8 +259,8 @@ class ShiftedOperator(_CompositeOperator):
     def mv(self, vectors: Any) -> Any:
         return self._base.mv(vectors) + self.amount * vectors
 
-    def to_dense(self, progress: bool = False) -> Any:
-        dense = self._base.to_dense(progress)
+    def to_dense(self, progress: bool = False, *, dtype: Any = None) -> Any:
+        dense = _dense(self._base, progress, dtype)
         if self.amount == 0.0:
             return dense
         xp = array_namespace(dense)
@@ -279,8 +291,8 @@ class ScaledOperator(_CompositeOperator):
     def mv(self, vectors: Any) -> Any:
         return self.factor * self._base.mv(vectors)
 
-    def to_dense(self, progress: bool = False) -> Any:
-        return self.factor * self._base.to_dense(progress)
+    def to_dense(self, progress: bool = False, *, dtype: Any = None) -> Any:
+        return self.factor * _dense(self._base, progress, dtype)
 
     def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
         for sample in self._base.sample_matvecs(rng):
@@ -311,8 +323,9 @@ class SumOperator(_CompositeOperator):
     def mv(self, vectors: Any) -> Any:
         return self._base.mv(vectors) + self.second.mv(vectors)
 
-    def to_dense(self, progress: bool = False) -> Any:
-        return self._base.to_dense(progress) + self.second.to_dense(progress)
+    def to_dense(self, progress: bool = False, *, dtype: Any = None) -> Any:
+        first = _dense(self._base, progress, dtype)
+        return first + _dense(self.second, progress, dtype)
 
     def sample_matvecs(self, rng: np.random.Generator) -> Iterator[SampleMatvec]:
         for a, b in zip(
@@ -334,6 +347,50 @@ class SumOperator(_CompositeOperator):
         if products is None:
             return None
         return [lambda v, p=p: p(v) + second.mv(v) for p in products]
+
+
+def _dense(operator: LinearOperator, progress: bool, dtype: Any) -> Any:
+    """``operator.to_dense``, passing ``dtype`` only when one is asked for.
+
+    An operator written before ``to_dense`` took ``dtype`` keeps working.
+    """
+    if dtype is None:
+        return operator.to_dense(progress)
+    return operator.to_dense(progress, dtype=dtype)
+
+
+#: Rows of the identity in one batched product when materialising a matrix.
+IDENTITY_CHUNK = 256
+
+
+def identity_chunks(size: int, like: Any, dtype: Any) -> Iterator[Any]:
+    """The rows of the ``[P, P]`` identity, a chunk ``[C, P]`` at a time.
+
+    ``ceil(P / 256)`` chunks of one size ``C <= 256``; the last one is padded
+    with zero rows (fewer than the number of chunks), so that a backend that
+    compiles per shape (JAX) compiles one. Each chunk is built when needed:
+    never the whole identity.
+
+    Parameters
+    ----------
+    size
+        ``P``.
+    like
+        A native array: the namespace and device of the chunks.
+    dtype
+        Their native dtype.
+
+    Yields
+    ------
+    Any
+        ``[C, P]``; row ``r`` of chunk ``i`` is ``e_{i C + r}`` (or zero past
+        ``P``).
+    """
+    xp = array_namespace(like)
+    count = -(-size // IDENTITY_CHUNK)
+    rows = -(-size // count)
+    for start in range(0, size, rows):
+        yield xp.eye(rows, size, k=start, dtype=dtype, device=array_device(like))
 
 
 def split_shift(operator: LinearOperator) -> tuple[LinearOperator, float]:
@@ -388,6 +445,7 @@ class HessianOperator(LinearOperator):
         name: str = "training_data",
         host: bool = False,
     ) -> None:
+        check_parameters(model)
         self.model = model
         self.size = model.num_params
         self.reader = DataReader(training_data, name, model.backend, model.parameters)
@@ -414,7 +472,14 @@ class HessianOperator(LinearOperator):
         # Host mode is for JAX on the CPU, whose compiled functions take numpy.
         return np.asarray(self.model.backend.to_numpy(compute(*args)))
 
-    def _batch_hvp(self, index: int, x: Any, y: Any, vectors: Any) -> Any:
+    def _batch_hvp(
+        self,
+        index: int,
+        x: Any,
+        y: Any,
+        vectors: Any,
+        what: str = "the Hessian-vector product",
+    ) -> Any:
         xp = array_namespace(vectors)
         name = self.reader.name
         model_vectors = xp.astype(vectors, self.dtype)
@@ -422,7 +487,7 @@ class HessianOperator(LinearOperator):
         product = evaluate(
             name, index, x, self._native, self.model.hvp, x, y, model_vectors
         )
-        ensure_finite(product, f"{name} batch {index}: the Hessian-vector product")
+        ensure_finite(product, f"{name} batch {index}: {what}")
         return xp.astype(product, vectors.dtype)
 
     def mv(self, vectors: Any) -> Any:
@@ -435,24 +500,56 @@ class HessianOperator(LinearOperator):
         self.num_passes += 1
         return total / count
 
-    def to_dense(self, progress: bool | None = None) -> Any:
+    def to_dense(self, progress: bool | None = None, *, dtype: Any = None) -> Any:
+        """The Hessian ``[P, P]``, from batched :meth:`hvp` products, in one pass.
+
+        Every batch multiplies the chunks of the identity
+        (:func:`identity_chunks`, at most 256 rows each, all of one size so
+        that a compiled backend compiles one shape); each chunk's products
+        are accumulated over the batches, weighted by the batch sizes. About
+        two ``[P, P]`` matrices are alive at once (the chunks' sums, then the
+        result); the memory guard allows for three.
+
+        Parameters
+        ----------
+        progress
+            Show a progress bar over the batches; ``None`` means the
+            operator's ``progress``.
+        dtype
+            Native dtype of the vectors, the products' accumulation and the
+            result; ``None`` means the model's. A wider one (float32 for a
+            half-precision model) accumulates in it while the model computes
+            in its own.
+        """
         show = self.progress if progress is None else progress
-        name = self.reader.name
-        itemsize = array_namespace(self.like).finfo(self.dtype).bits // 8
+        xp = array_namespace(self.like)
+        dtype = self.dtype if dtype is None else dtype
+        itemsize = xp.finfo(dtype).bits // 8
         check_dense_fits(self.size, itemsize, 3, "materialising the Hessian")
-        total, count = None, 0
+        totals: list[Any] | None = None
+        count = 0
         batches = progress_iter(
             self.reader, show, "Hessian", total=self.reader.num_batches
         )
         for index, x, y in batches:
             n = int(x.shape[0])
-            self._loss_check(index, x, y)
-            hessian = evaluate(name, index, x, self._native, self.model.hessian, x, y)
-            ensure_finite(hessian, f"{name} batch {index}: the Hessian")
-            total = n * hessian if total is None else total + n * hessian
+            terms = [
+                n * self._batch_hvp(index, x, y, chunk, "the Hessian")
+                for chunk in identity_chunks(self.size, self.like, dtype)
+            ]
+            if totals is None:
+                totals = terms
+            else:
+                totals = [t + term for t, term in zip(totals, terms, strict=True)]
+            del terms
             count += n
         self.num_passes += 1
-        return total / count
+        if totals is None:  # an empty reader raises before this
+            raise InputError(f"{self.reader.name} is empty: pass at least one point.")
+        dense = xp.concat(totals, axis=0)[: self.size]
+        del totals
+        # Row k is H e_k; the transpose makes it H itself (equal up to rounding).
+        return dense.T / count
 
     @property
     def samples_per_pass(self) -> int:

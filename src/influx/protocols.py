@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Backend", "TwiceDifferentiable"]
+__all__ = ["Backend", "DenseLinearAlgebra", "TwiceDifferentiable"]
 
 
 @runtime_checkable
@@ -31,6 +31,15 @@ class TwiceDifferentiable(Protocol):
     methods are functional: they keep no autograd graph between calls and never
     modify the wrapped model. ``x`` and ``y`` are native arrays of the backend
     (convert with :meth:`Backend.asarray`).
+
+    There is no ``hessian``: the core materialises a Hessian from batched
+    :meth:`hvp` products with the identity
+    (:meth:`influx.HessianOperator.to_dense`). The core checks after wrapping
+    (:func:`influx.twice_differentiable`) that :attr:`parameters` is a
+    ``[P]`` floating vector with finite entries, and the batch loss is checked
+    to be a scalar where the optional ``value_and_grad`` exists; an adapter
+    only checks what needs its framework (one dtype over the parameter
+    leaves, one device).
 
     Optional methods, not part of the protocol's ``isinstance`` check, let the
     core verify that the loss is a batch mean (on the first batch of each data
@@ -92,10 +101,6 @@ class TwiceDifferentiable(Protocol):
         """
         ...
 
-    def hessian(self, x: Any, y: Any) -> Any:
-        """Full Hessian of the batch-mean loss, shape ``[P, P]``."""
-        ...
-
     def mixed_grads(self, x: Any, y: Any, vectors: Any) -> Any:
         """Input gradients of the directional parameter gradients.
 
@@ -122,6 +127,12 @@ class Backend(Protocol):
     Backends are found by name through the entry-point group ``influx.backends``;
     the entry point names a zero-argument callable (usually the class) that
     returns the backend object.
+
+    Optional capabilities, not part of the ``isinstance`` check: dense linear
+    algebra (:class:`DenseLinearAlgebra`), which the direct solver uses when
+    present (else scipy for numpy arrays, else the array API's general
+    ``linalg.solve``). ``influx demo`` runs on a backend whose package ships
+    a ``_demo`` module (see :func:`influx.demo.demo_trainer`).
     """
 
     #: Registry name, e.g. ``"torch"``.
@@ -161,5 +172,52 @@ class Backend(Protocol):
 
         ``params`` is for frameworks that keep parameters apart from the model
         (JAX); ``None`` otherwise.
+        """
+        ...
+
+
+@runtime_checkable
+class DenseLinearAlgebra(Protocol):
+    """Dense solves a backend may offer (an optional part of :class:`Backend`).
+
+    The array API standard has ``linalg.cholesky`` but no triangular solve;
+    the core asks the backend of its arrays for these two, so that it never
+    imports a framework. Shapes follow linear algebra: right-hand sides are
+    columns.
+    """
+
+    def cholesky_solve(self, factor: Any, rhs: Any) -> Any:
+        """``A^{-1} rhs`` given the lower Cholesky factor ``L`` of ``A = L L^T``.
+
+        Parameters
+        ----------
+        factor
+            ``[P, P]`` lower triangular.
+        rhs
+            ``[P, K]``, of ``factor``'s dtype.
+
+        Returns
+        -------
+        Any
+            ``[P, K]``.
+        """
+        ...
+
+    def solve_triangular(self, factor: Any, rhs: Any, *, lower: bool = True) -> Any:
+        """``factor^{-1} rhs`` for a triangular ``factor``.
+
+        Parameters
+        ----------
+        factor
+            ``[P, P]``, lower triangular when ``lower`` else upper.
+        rhs
+            ``[P, K]``, of ``factor``'s dtype.
+        lower
+            Which triangle ``factor`` holds.
+
+        Returns
+        -------
+        Any
+            ``[P, K]``.
         """
         ...

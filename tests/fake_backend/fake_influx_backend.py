@@ -97,9 +97,6 @@ class LinearMSE:
         h_b = scale * jv.sum(axis=1)
         return np.concatenate([h_w, h_b], axis=1)
 
-    def hessian(self, x: Any, y: Any) -> np.ndarray:
-        return self.hvp(x, y, np.eye(self.num_params, dtype=self.dtype))
-
     def mixed_grads(self, x: Any, y: Any, vectors: Any) -> np.ndarray:
         x, r = self._check(x, y)
         v_w, v_b = self._split(vectors)
@@ -136,6 +133,8 @@ class NumpyBackend:
 
     name = "numpy_linear"
     framework_module = "numpy"
+    #: Names of the dense solves influx asked for, shared by every instance.
+    linalg_calls: list[str] = []  # noqa: RUF012
 
     def owns(self, obj: Any) -> bool:
         """Only this package's models and wrappers, never plain numpy arrays."""
@@ -169,6 +168,21 @@ class NumpyBackend:
         if params is not None:
             raise TypeError("a LinearModel holds its own parameters: omit params.")
         return LinearMSE(model)
+
+    # -- optional dense linear algebra (influx.protocols.DenseLinearAlgebra) --
+
+    def cholesky_solve(self, factor: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """``A^{-1} rhs`` from the lower Cholesky factor of ``A``; counts calls."""
+        self.linalg_calls.append("cholesky_solve")
+        return np.linalg.solve(factor.T, np.linalg.solve(factor, rhs))
+
+    def solve_triangular(
+        self, factor: np.ndarray, rhs: np.ndarray, *, lower: bool = True
+    ) -> np.ndarray:
+        """``factor^{-1} rhs`` (a general solve: the plugin needs no scipy)."""
+        self.linalg_calls.append("solve_triangular")
+        triangle = np.tril(factor) if lower else np.triu(factor)
+        return np.linalg.solve(triangle, rhs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, NumpyBackend)

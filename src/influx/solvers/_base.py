@@ -13,7 +13,6 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
-from influx._memory import check_dense_fits
 from influx.errors import InputError, NotConvergedWarning
 from influx.operators import LinearOperator
 
@@ -21,6 +20,7 @@ __all__ = [
     "SolveInfo",
     "Solver",
     "accumulation_dtype",
+    "deprecated_option",
     "dense_matrix",
     "from_host",
     "initial_guess",
@@ -89,38 +89,107 @@ class SolveInfo:
 class Solver(abc.ABC):
     """Solves ``A x = b`` for many right-hand sides with one setup.
 
-    ``init(operator)`` does the expensive part once (a factorisation, an
-    eigendecomposition, a spectral estimate) and returns a state;
-    ``solve(state, rhs)`` answers right-hand sides ``rhs`` of shape ``[K, P]``
-    and returns ``(x, info)`` with ``x`` of shape ``[K, P]``.
+    The contract, for the built-in solvers and for third-party ones
+    (registered by name with :func:`influx.register_solver`, or passed as an
+    instance as ``method=``):
+
+    - ``__init__`` takes the method's options as keywords, and nothing else;
+      :meth:`option_names` reads them from its signature.
+    - ``init(operator, *, model=None, training_data=None, progress=False)``
+      does the expensive part once (a factorisation, an eigendecomposition,
+      a preconditioner sketch) and returns a state. ``operator`` is the
+      regularised Hessian ``A = H + lambda I`` as a
+      :class:`~influx.operators.LinearOperator` (products only). ``model``
+      (the :class:`~influx.TwiceDifferentiable`) and ``training_data`` (the
+      re-iterable of ``(x, y)`` batches the Hessian averages over; read it
+      with :class:`influx.data.DataReader`) are passed explicitly for solvers
+      that need more than products, such as a block-diagonal or Kronecker
+      approximation built from the model's layers: a solver never digs them
+      out of the operator. ``influx.Influence.fit`` and the functional API
+      always pass both; a solver that needs them raises when they are
+      ``None``.
+    - ``solve(state, rhs, *, x0=None, progress=False)`` answers right-hand
+      sides ``rhs`` ``[K, P]`` and returns ``(x, info)``: ``x`` ``[K, P]`` in
+      ``rhs``'s dtype and a :class:`SolveInfo`. ``x0`` is an initial guess of
+      the solution for this solve (``[P]`` or ``[K, P]``), for the iterative
+      methods; it takes precedence over an initial guess set as a solver
+      option, and exact methods ignore it.
+
+    Keyword options that were renamed are listed in
+    :attr:`deprecated_options` (old name to new name); they are accepted with
+    a :class:`DeprecationWarning` and are not among :meth:`option_names`.
     """
 
     #: The inversion method's name, as in :class:`influx.InversionMethod`.
     name: ClassVar[str]
+    #: Old option names still accepted, mapped to their new names.
+    deprecated_options: ClassVar[dict[str, str]] = {}
 
     @abc.abstractmethod
-    def init(self, operator: LinearOperator, *, progress: bool = False) -> Any:
+    def init(
+        self,
+        operator: LinearOperator,
+        *,
+        model: Any = None,
+        training_data: Any = None,
+        progress: bool = False,
+    ) -> Any:
         """Prepare to solve with ``operator``; returns the solver state."""
 
     @abc.abstractmethod
     def solve(
-        self, state: Any, rhs: Any, *, progress: bool = False
+        self, state: Any, rhs: Any, *, x0: Any = None, progress: bool = False
     ) -> tuple[Any, SolveInfo]:
         """Solve ``operator @ x_k = rhs[k]`` for every row ``k``."""
 
     @classmethod
     def option_names(cls) -> list[str]:
-        """The keyword options the solver accepts."""
+        """The keyword options the solver accepts (deprecated aliases aside)."""
         parameters = inspect.signature(cls.__init__).parameters
-        return [name for name in parameters if name != "self"]
+        return [
+            name
+            for name, parameter in parameters.items()
+            if name != "self"
+            and name not in cls.deprecated_options
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        ]
+
+    @classmethod
+    def takes_any_option(cls) -> bool:
+        """Whether ``__init__`` takes ``**options`` (any keyword is accepted)."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return any(p.kind is p.VAR_KEYWORD for p in parameters)
 
     def __repr__(self) -> str:
         options = ", ".join(
             f"{name}={getattr(self, name)!r}"
             for name in self.option_names()
-            if not name.startswith("x0") and name != "h0"
+            if not name.startswith("x0") and name != "h0" and hasattr(self, name)
         )
         return f"{type(self).__name__}({options})"
+
+
+def deprecated_option(
+    solver: type[Solver], old: str, old_value: Any, new: str, new_value: Any
+) -> Any:
+    """The value of option ``new``, given also under its deprecated name ``old``.
+
+    Warns (:class:`DeprecationWarning`) when ``old`` is used; both at once is
+    a ``TypeError``.
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(
+            f"{solver.name}: {old!r} is the deprecated name of {new!r}; pass only "
+            f"{new}={old_value!r}."
+        )
+    warnings.warn(
+        f"The {solver.name} option {old!r} is deprecated: use {new}={old_value!r}.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
 
 
 def row_norms(array: Any) -> Any:
@@ -254,16 +323,12 @@ def working_dtype(like: Any) -> Any:
 def dense_matrix(operator: LinearOperator, progress: bool = False) -> Any:
     """The operator as ``[P, P]`` in :func:`working_dtype` of its arrays.
 
-    A half-precision operator is applied to the float32 identity, so that its
-    products are accumulated in float32; any other one is materialised by its
-    own :meth:`~influx.operators.LinearOperator.to_dense`.
+    Materialised by the operator's own
+    :meth:`~influx.operators.LinearOperator.to_dense`; a half-precision
+    operator is asked for float32, so that its products (computed in half
+    precision by the model) are accumulated in float32.
     """
-    xp = array_namespace(operator.like)
     dtype = working_dtype(operator.like)
     if dtype == operator.dtype:
         return operator.to_dense(progress)
-    check_dense_fits(operator.size, xp.finfo(dtype).bits // 8, 3, "the Hessian")
-    eye = xp.eye(operator.size, dtype=dtype, device=array_device(operator.like))
-    chunk = 256
-    rows = [operator.mv(eye[i : i + chunk]) for i in range(0, operator.size, chunk)]
-    return xp.concat(rows, axis=0).T
+    return operator.to_dense(progress, dtype=dtype)

@@ -19,6 +19,7 @@ from influx.solvers._base import (
     Solver,
     accumulation_dtype,
     dense_matrix,
+    deprecated_option,
     from_host,
     integer_option,
     real_option,
@@ -97,14 +98,17 @@ class ArnoldiSolver(Solver):
         residuals over the largest eigenvalue (``None`` means ``1e-2``; the
         Ritz values are then accurate to about its square), for ``"arpack"``
         ARPACK's ``tol`` (``None`` means ``1e-6``).
-    max_iter
-        ARPACK's restarts at most; ``None`` means ``10 * P``.
+    maxiter
+        ARPACK's restarts at most; ``None`` means ``10 * P``. (``max_iter``,
+        the seed's name, is a deprecated alias.)
     eigensolver
         ``"krylov"`` or ``"arpack"``.
     remainder
         ``"floor"`` or ``"drop"``, see above.
     seed
-        Seed of the random start.
+        Seed of the random start (the block Krylov start block, or ARPACK's
+        start vector ``v0``): the default 0 makes every run give the same
+        eigenpairs; ``None`` draws fresh entropy.
     residuals
         Also compute the residuals ``||A x_k - b_k||`` of each solve against
         the full operator: one more pass over the training data per solve.
@@ -113,6 +117,7 @@ class ArnoldiSolver(Solver):
     """
 
     name = "arnoldi"
+    deprecated_options = {"max_iter": "maxiter"}  # noqa: RUF012
 
     def __init__(
         self,
@@ -120,12 +125,16 @@ class ArnoldiSolver(Solver):
         rank_estimate: int = 10,
         krylov_dimension: int | None = None,
         tol: float | None = None,
-        max_iter: int | None = None,
+        maxiter: int | None = None,
         eigensolver: str = "krylov",
         remainder: str = "floor",
         seed: int | None = 0,
         residuals: bool = False,
+        max_iter: int | None = None,
     ) -> None:
+        maxiter = deprecated_option(
+            type(self), "max_iter", max_iter, "maxiter", maxiter
+        )
         rank_estimate = integer_option(rank_estimate, "rank_estimate", minimum=1)
         krylov_dimension = integer_option(
             krylov_dimension, "krylov_dimension", optional=True
@@ -136,7 +145,7 @@ class ArnoldiSolver(Solver):
                 f"{rank_estimate}, got {krylov_dimension!r}."
             )
         tol = real_option(tol, "tol", minimum=0.0, optional=True)
-        max_iter = integer_option(max_iter, "max_iter", minimum=1, optional=True)
+        maxiter = integer_option(maxiter, "maxiter", minimum=1, optional=True)
         seed = integer_option(seed, "seed", optional=True)
         if eigensolver not in ("krylov", "arpack"):
             raise InputError(
@@ -148,10 +157,17 @@ class ArnoldiSolver(Solver):
         self.eigensolver, self.remainder, self.seed = eigensolver, remainder, seed
         default_tol = KRYLOV_TOL if eigensolver == "krylov" else ARPACK_TOL
         self.tol = default_tol if tol is None else float(tol)
-        self.max_iter = max_iter
+        self.maxiter = maxiter
         self.residuals = bool(residuals)
 
-    def init(self, operator: LinearOperator, *, progress: bool = False) -> ArnoldiState:
+    def init(
+        self,
+        operator: LinearOperator,
+        *,
+        model: Any = None,
+        training_data: Any = None,
+        progress: bool = False,
+    ) -> ArnoldiState:
         size = operator.size
         if self.rank_estimate >= size - 1:
             xp = array_namespace(operator.like)
@@ -258,7 +274,7 @@ class ArnoldiSolver(Solver):
                 matmat=matmat,
                 dtype=np.float64,
             )
-            start = np.random.default_rng(0).standard_normal(size)
+            start = np.random.default_rng(self.seed).standard_normal(size)
             converged = True
             try:
                 eigenvalues, eigenvectors = eigsh(
@@ -267,7 +283,7 @@ class ArnoldiSolver(Solver):
                     which="LM",
                     ncv=ncv,
                     tol=self.tol,
-                    maxiter=self.max_iter or 10 * size,
+                    maxiter=self.maxiter or 10 * size,
                     v0=start,
                 )
             except ArpackNoConvergence as error:
@@ -275,15 +291,14 @@ class ArnoldiSolver(Solver):
                 eigenvalues, eigenvectors = error.eigenvalues, error.eigenvectors
                 warnings.warn(
                     f"Arnoldi found {len(eigenvalues)} of {self.rank_estimate} "
-                    f"eigenpairs to tol={self.tol:g}: raise max_iter or "
+                    f"eigenpairs to tol={self.tol:g}: raise maxiter or "
                     "krylov_dimension, or lower rank_estimate.",
                     NotConvergedWarning,
                     stacklevel=4,
                 )
                 if len(eigenvalues) == 0:
                     raise InputError(
-                        "Arnoldi found no eigenpair: raise max_iter or "
-                        "krylov_dimension."
+                        "Arnoldi found no eigenpair: raise maxiter or krylov_dimension."
                     ) from error
         order = np.argsort(eigenvalues)
         return ArnoldiState(
@@ -295,8 +310,9 @@ class ArnoldiSolver(Solver):
         )
 
     def solve(
-        self, state: ArnoldiState, rhs: Any, *, progress: bool = False
+        self, state: ArnoldiState, rhs: Any, *, x0: Any = None, progress: bool = False
     ) -> tuple[Any, SolveInfo]:
+        """The low-rank solve of every row; ``x0`` is ignored (not iterative)."""
         op = state.operator
         xp = array_namespace(rhs)
         given, rhs = rhs, xp.astype(rhs, working_dtype(rhs))

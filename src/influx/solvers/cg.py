@@ -66,6 +66,8 @@ class CgSolver(Solver):
         Iteration limit; ``None`` means ``10 * P``.
     x0
         Initial guess, ``[P]`` (shared) or ``[K, P]``; ``None`` means zero.
+        Kept for the seed's functions: prefer the guess of each solve,
+        ``solve(state, rhs, x0=...)``, which takes precedence.
     preconditioner
         ``"nystrom"`` (default), ``None``, or a
         :class:`~influx.solvers.preconditioners.Preconditioner` such as
@@ -89,7 +91,14 @@ class CgSolver(Solver):
         self.x0 = x0
         self.preconditioner = make_preconditioner(preconditioner)
 
-    def init(self, operator: LinearOperator, *, progress: bool = False) -> CgState:
+    def init(
+        self,
+        operator: LinearOperator,
+        *,
+        model: Any = None,
+        training_data: Any = None,
+        progress: bool = False,
+    ) -> CgState:
         if self.preconditioner is None:
             return CgState(operator, None)
         dtype = accumulation_dtype(operator.like)
@@ -97,8 +106,9 @@ class CgSolver(Solver):
         return CgState(operator, fitted)
 
     def solve(
-        self, state: CgState, rhs: Any, *, progress: bool = False
+        self, state: CgState, rhs: Any, *, x0: Any = None, progress: bool = False
     ) -> tuple[Any, SolveInfo]:
+        """CG from ``x0`` (this solve's guess), else the ``x0`` option, else 0."""
         op = state.operator
         xp = array_namespace(rhs)
         acc = accumulation_dtype(rhs)
@@ -108,11 +118,12 @@ class CgSolver(Solver):
         b_norms = to_host(row_norms(b), op)
         thresholds = np.maximum(self.rtol * b_norms, self.atol)
 
-        if self.x0 is None:
+        guess = self.x0 if x0 is None else x0
+        if guess is None:
             x = xp.zeros_like(b)
             r = b
         else:
-            x = initial_guess(self.x0, b, op, "x0")
+            x = initial_guess(guess, b, op, "x0")
             r = b - op.mv(x)
         precondition = (
             _identity if state.preconditioner is None else (state.preconditioner.apply)

@@ -21,7 +21,7 @@ from influx.solvers._base import (
     to_host,
     working_dtype,
 )
-from influx.solvers._linalg import cholesky_solve_rows
+from influx.solvers._linalg import cholesky_solve_rows, solve_lower_rows
 
 __all__ = ["DirectSolver"]
 
@@ -78,7 +78,14 @@ class DirectSolver(Solver):
     def __init__(self) -> None:
         pass
 
-    def init(self, operator: LinearOperator, *, progress: bool = False) -> DirectState:
+    def init(
+        self,
+        operator: LinearOperator,
+        *,
+        model: Any = None,
+        training_data: Any = None,
+        progress: bool = False,
+    ) -> DirectState:
         xp = array_namespace(operator.like)
         itemsize = xp.finfo(working_dtype(operator.like)).bits // 8
         check_dense_fits(operator.size, itemsize, DENSE_MATRICES, "the direct solve")
@@ -116,12 +123,13 @@ class DirectSolver(Solver):
         return DirectState(matrix, None, eigenvectors, inverted, smallest, operator)
 
     def solve(
-        self, state: DirectState, rhs: Any, *, progress: bool = False
+        self, state: DirectState, rhs: Any, *, x0: Any = None, progress: bool = False
     ) -> tuple[Any, SolveInfo]:
+        """``A^{-1} b_k`` for every row; ``x0`` is ignored (the solve is exact)."""
         xp = array_namespace(rhs)
         b = xp.astype(rhs, state.matrix.dtype)
         if state.factor is not None:
-            x = cholesky_solve_rows(state.factor, b)
+            x = cholesky_solve_rows(state.factor, b, state.operator.backend)
         else:
             vectors = state.eigenvectors
             x = ((b @ vectors) * state.inverse_eigenvalues) @ vectors.T
@@ -167,12 +175,10 @@ def quadratic_form(state: DirectState, rhs: Any) -> Any:
     exists; else ``sum_j (v_j . b_k)^2 / lambda_j`` over the eigenpairs the
     fallback inverts. ``O(K P^2)``; no ``[K, K]`` matrix.
     """
-    from influx.solvers._linalg import solve_lower_rows
-
     xp = array_namespace(rhs)
     b = xp.astype(rhs, state.matrix.dtype)
     if state.factor is not None:
-        half = solve_lower_rows(state.factor, b)
+        half = solve_lower_rows(state.factor, b, state.operator.backend)
         values = xp.sum(half * half, axis=1)
     else:
         coefficients = b @ state.eigenvectors

@@ -109,14 +109,19 @@ class LissaSolver(Solver):
     scale
         Divisor of the batch operator; ``None`` chooses one that converges.
     h0
-        Initial ``h``, ``[P]`` or ``[K, P]``; ``None`` means ``b``.
+        Initial ``h``, ``[P]`` or ``[K, P]``; ``None`` means ``b``. Kept for
+        the seed's functions: prefer a guess of the solution for each solve,
+        ``solve(state, rhs, x0=...)`` (the recursion then starts at
+        ``h = scale * x0``), which takes precedence.
     rtol
         Stop when every column's relative change ``||h_new - h|| / ||h_new||``
         falls below it: between snapshots with variance reduction, between
         steps without.
     seed
-        Seed of the batch order (and of the preconditioner's sketch), for
-        reproducible results.
+        Seed of the batch draws and of the scale's random start vectors: the
+        default 0 makes every run give the same result; ``None`` draws fresh
+        entropy each solve. (The preconditioner has its own seed, 0 by
+        default: ``NystromPreconditioner(seed=...)``.)
     variance_reduction
         Use snapshots and control variates (see above).
     preconditioner
@@ -134,7 +139,7 @@ class LissaSolver(Solver):
         scale: float | None = None,
         h0: Any = None,
         rtol: float = 1e-4,
-        seed: int | None = None,
+        seed: int | None = 0,
         variance_reduction: bool = True,
         preconditioner: Preconditioner | str | None = "nystrom",
     ) -> None:
@@ -151,7 +156,14 @@ class LissaSolver(Solver):
         self.variance_reduction = bool(variance_reduction)
         self.preconditioner = make_preconditioner(preconditioner)
 
-    def init(self, operator: LinearOperator, *, progress: bool = False) -> LissaState:
+    def init(
+        self,
+        operator: LinearOperator,
+        *,
+        model: Any = None,
+        training_data: Any = None,
+        progress: bool = False,
+    ) -> LissaState:
         fitted = None
         if self.preconditioner is not None:
             dtype = accumulation_dtype(operator.like)
@@ -163,13 +175,21 @@ class LissaSolver(Solver):
         return LissaState(operator, AUTO_SCALE_FACTOR * lam, lam, fitted, spectrum)
 
     def solve(
-        self, state: LissaState, rhs: Any, *, progress: bool = False
+        self, state: LissaState, rhs: Any, *, x0: Any = None, progress: bool = False
     ) -> tuple[Any, SolveInfo]:
+        """Run the recursion; ``x0`` is this solve's guess of the solution.
+
+        The recursion starts at ``h = scale * x0``, else at the ``h0``
+        option, else at ``b``.
+        """
         op, scale = state.operator, state.scale
         xp = array_namespace(rhs)
         b = xp.astype(rhs, accumulation_dtype(rhs))
         k = int(b.shape[0])
-        h = b if self.h0 is None else initial_guess(self.h0, b, op, "h0")
+        if x0 is not None:
+            h = scale * initial_guess(x0, b, op, "x0")
+        else:
+            h = b if self.h0 is None else initial_guess(self.h0, b, op, "h0")
         rng = np.random.default_rng(self.seed)
         b_norms = to_host(row_norms(b), op)
         precondition = (
