@@ -338,10 +338,19 @@ class Influence:
         - cg, lissa (and any other solver): one batched solve of each batch's
           ``B`` gradients, as costly as computing ``B`` influence factors.
 
+        :attr:`info` is set by the solves of cg and lissa (one entry per
+        point); direct and arnoldi solve nothing here and leave it as it was.
+
+        There is no ``measurement=``: the self-influence of a measurement,
+        ``<H^{-1} grad m(z_i), grad l(z_i)>``, is no longer a quadratic form
+        (the cheap paths above do not apply) and needs the gradients of both
+        the measurement and the loss of every point. Take the diagonal of
+        ``influences(data, data, measurement=m)`` for a few points.
+
         Parameters
         ----------
         data
-            Re-iterable of ``(x, y)`` batches.
+            Re-iterable of ``(x, y)`` batches, ``N`` points, read in order.
 
         Returns
         -------
