@@ -11,6 +11,15 @@ regularised Hessian ``H = hessian(L) + lambda I``:
   l(z)>``, ``[N_test, M, *input_shape]``.
 
 Results are native arrays of the model's framework.
+
+These are the seed's functions, kept as a compatible layer over
+:class:`influx.Influence`: :func:`compute_influence_factors` and
+:func:`compute_influences` build and fit one per call (the test gradients
+computed before the solver's setup, as the seed did, so that errors in the test
+data come first), and :func:`compute_influences_up` and
+:func:`compute_influences_pert` run its scoring loop (``influx._scoring``) on
+the factors given. Fit an :class:`influx.Influence` to query the same training
+data more than once.
 """
 
 from __future__ import annotations
