@@ -178,9 +178,11 @@ def test_top_k_equals_sorting_the_full_scores(backend_name, largest):
     np.testing.assert_allclose(to_numpy(values), expected_values, rtol=1e-12)
 
 
-def test_top_k_breaks_ties_by_index(backend_name):
-    # Every input point appears three times: each score is tied three ways,
-    # across batches; the smaller index comes first.
+def test_top_k_equals_sorting_with_duplicated_points(backend_name):
+    # Every input point appears three times, across batches: near-ties. They
+    # need not be bitwise ties (a BLAS product may round a column differently
+    # by its position in a block), but top_k scores with the same loop as
+    # influences(), so it equals sorting that result, ties to the smaller index.
     _, _, test, _ = problem(backend_name)
     rng = np.random.default_rng(5)
     x = np.repeat(rng.standard_normal((4, SIZES[0])), 3, axis=0)
@@ -195,6 +197,47 @@ def test_top_k_breaks_ties_by_index(backend_name):
         expected_values, expected_indices = sorted_reference(full, 7, largest)
         np.testing.assert_array_equal(to_numpy(indices), expected_indices)
         np.testing.assert_array_equal(to_numpy(values), expected_values)
+
+
+def test_top_k_breaks_exact_ties_by_index(backend_name):
+    # Exact ties by construction, whatever the rounding: the measurement of the
+    # test points with a target below the median is multiplied by 0, so their gradient,
+    # influence factor and every score are exactly zero (+-0): all tied, and
+    # the first k input indices win, across the input batches of 8.
+    _, _, test, inputs = problem(backend_name)
+    targets = np.concatenate([to_numpy(y)[:, 0] for _, y in test])
+    middle = float(np.median(targets))
+    zero = targets < middle
+    assert 0 < zero.sum() < len(targets)
+
+    def masked(pred: Any, y: Any) -> Any:
+        return pred[:, 0] * (y[:, 0] >= middle)
+
+    inf = fitted(backend_name, "direct")
+    full = to_numpy(inf.influences(test, inputs, measurement=masked))
+    assert np.all(full[zero] == 0) and np.all(full[~zero] != 0)
+    for largest in (True, False):
+        values, indices = inf.top_k(
+            test, inputs, 10, largest=largest, measurement=masked
+        )
+        expected_values, expected_indices = sorted_reference(full, 10, largest)
+        np.testing.assert_array_equal(to_numpy(indices), expected_indices)
+        np.testing.assert_array_equal(to_numpy(values), expected_values)
+        assert np.all(to_numpy(indices)[zero] == np.arange(10))
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7])
+def test_running_top_k_ties_go_to_the_smaller_index(block):
+    # Small integers: every comparison exact, many ties within and across blocks.
+    scores = np.random.default_rng(9).integers(-3, 4, size=(6, 20)).astype(float)
+    for largest in (True, False):
+        best = influx.attribution._RunningTopK(5, largest)
+        for start in range(0, 20, block):
+            best.add(scores[:, start : start + block])
+        values, indices = best.result()
+        expected_values, expected_indices = sorted_reference(scores, 5, largest)
+        np.testing.assert_array_equal(indices, expected_indices)
+        np.testing.assert_array_equal(values, expected_values)
 
 
 def test_top_k_checks_k(backend_name):
@@ -264,6 +307,8 @@ def test_arnoldi_residuals_are_opt_in(backend_name, monkeypatch):
     plain.factors(test)
     assert np.all(np.isnan(plain.info.residual_norms))
     assert "not computed" in plain.info.extra["residual"]
+    assert "max relative residual not computed" in str(plain.info)
+    assert "nan" not in str(plain.info)
     inf = influx.Influence(model, "arnoldi", LAMBDA, rank_estimate=8, residuals=True)
     inf.fit(train)
     counter = Counting(monkeypatch)
@@ -273,6 +318,7 @@ def test_arnoldi_residuals_are_opt_in(backend_name, monkeypatch):
     hessian = HessianOperator(model, train).shift(LAMBDA)
     true = np.linalg.norm(to_numpy(hessian.mv(factors)) - grads_of(model, test), axis=1)
     np.testing.assert_allclose(inf.info.residual_norms, true, rtol=1e-8)
+    assert "max relative residual not computed" not in str(inf.info)
 
 
 def grads_of(model: Any, data: Any) -> np.ndarray:
@@ -291,6 +337,148 @@ def test_not_fitted_and_bad_arguments(backend_name):
         influx.Influence(model, "direct", rtol=1e-3)
     with pytest.raises(influx.InputError, match="hessian_regularization"):
         influx.Influence(model, "direct", -1.0)
+
+
+# -- the protections of the functional API ------------------------------------------
+
+
+class Reshuffling:
+    """The 11 input points in batches of 4, in a new order on every pass."""
+
+    def __init__(self, backend_name: str) -> None:
+        _, _, _, inputs = problem(backend_name)
+        self.x = np.concatenate([to_numpy(x) for x, _ in inputs])
+        self.y = np.concatenate([to_numpy(y) for _, y in inputs])
+        self.backend_name, self.rng = backend_name, np.random.default_rng(4)
+
+    def __iter__(self) -> Any:
+        order = self.rng.permutation(len(self.x))
+        for start in range(0, len(order), 4):
+            rows = order[start : start + 4]
+            yield (
+                to_backend(self.backend_name, self.x[rows]),
+                to_backend(self.backend_name, self.y[rows]),
+            )
+
+
+def test_queries_refuse_data_whose_order_changes(backend_name):
+    # Test points are the rows and input points the columns (or the entries)
+    # of every result: data that reorders itself between passes is refused.
+    _, _, test, _ = problem(backend_name)
+    inf = fitted(backend_name, "direct")
+    match = "yields different batches on each pass"
+    with pytest.raises(influx.InputError, match=f"test_data {match}"):
+        inf.factors(Reshuffling(backend_name))
+    with pytest.raises(influx.InputError, match=f"input_data {match}"):
+        inf.influences(test, Reshuffling(backend_name))
+    with pytest.raises(influx.InputError, match=f"input_data {match}"):
+        inf.top_k(test, Reshuffling(backend_name), 3)
+    with pytest.raises(influx.InputError, match=f"data {match}"):
+        inf.self_influence(Reshuffling(backend_name))
+
+
+def sum_loss(backend_name: str) -> Any:
+    if backend_name == "torch":
+        import torch
+
+        return torch.nn.MSELoss(reduction="sum")
+    import jax.numpy as jnp
+
+    return lambda pred, y: jnp.sum((pred - y) ** 2) / SIZES[-1]
+
+
+def test_queries_check_the_loss_convention(backend_name):
+    # A sum reduction: on batches of one it is the mean, so the fit passes on
+    # one-point batches; every query then refuses its batches of several.
+    _, _, test, inputs = problem(backend_name)
+    layers = mlp_weights(SIZES, seed=1)
+    if backend_name == "torch":
+        from models import torch_mlp
+
+        model = influx.twice_differentiable(
+            torch_mlp(layers, "float64"), sum_loss(backend_name)
+        )
+    else:
+        from models import jax_mlp
+
+        apply_fn, params = jax_mlp(layers, "float64")
+        model = influx.twice_differentiable(
+            apply_fn, sum_loss(backend_name), params=params
+        )
+    x, y = next(iter(problem(backend_name)[1]))
+    ones = influx.batches(x, y, batch_size=1)
+    with pytest.raises(influx.InputError, match="training_data batch 0"):
+        influx.Influence(model, "direct", LAMBDA).fit(influx.batches(x, y))
+    inf = influx.Influence(model, "direct", LAMBDA).fit(ones)
+    sum_found = "a sum reduction"
+    with pytest.raises(influx.InputError, match=f"test_data batch 0: .*{sum_found}"):
+        inf.factors(test)
+    single = influx.batches(*next(iter(test)), batch_size=1)
+    with pytest.raises(influx.InputError, match=f"input_data batch 0: .*{sum_found}"):
+        inf.top_k(single, inputs, 2)
+    with pytest.raises(influx.InputError, match=f"input_data batch 0: .*{sum_found}"):
+        inf.influences(single, inputs)
+    with pytest.raises(influx.InputError, match=f"data batch 0: .*{sum_found}"):
+        inf.self_influence(inputs)
+
+
+def test_out_is_checked_before_the_solve(backend_name, monkeypatch):
+    _, _, test, inputs = problem(backend_name)
+    inf = fitted(backend_name, "direct")
+    solves = []
+    original = type(inf.solver).solve
+
+    def counted(self_: Any, *args: Any, **kwargs: Any) -> Any:
+        solves.append(1)
+        return original(self_, *args, **kwargs)
+
+    monkeypatch.setattr(type(inf.solver), "solve", counted)
+    with pytest.raises(influx.InputError, match=r"out has shape \(5, 10\)"):
+        inf.influences(test, inputs, out=np.zeros((5, 10)))
+    with pytest.raises(influx.InputError, match="floating dtype"):
+        inf.influences(test, inputs, out=np.zeros((5, 11), dtype=np.int64))
+    with pytest.raises(TypeError, match="host array"):
+        inf.influences(test, inputs, out=to_backend(backend_name, np.zeros((5, 11))))
+    with pytest.raises(influx.InputError, match=r"\[N_test, M, \*S\]"):
+        inf.influences(
+            test, inputs, influence_type="perturbation", out=np.zeros((5, 11))
+        )
+    assert solves == []
+
+
+@pytest.mark.parametrize("method", ["direct", "cg", "arnoldi"])
+def test_jax_on_the_cpu_fits_and_solves_on_the_host(backend_name, method):
+    # Host mode (influx._host): the solver's state and steps are numpy, only
+    # the model's derivatives run in JAX; results come back as JAX arrays.
+    if backend_name != "jax":
+        pytest.skip("host mode is for JAX on the CPU")
+    _, _, test, inputs = problem(backend_name)
+    inf = fitted(backend_name, method)
+    assert inf._fitted.host and isinstance(inf._fitted.operator.like, np.ndarray)
+    for result in (
+        inf.factors(test),
+        inf.influences(test, inputs),
+        inf.self_influence(inputs),
+        *inf.top_k(test, inputs, 2),
+    ):
+        assert not isinstance(result, np.ndarray) and hasattr(result, "devices")
+
+
+def test_query_arguments_are_checked(backend_name):
+    _, _, test, inputs = problem(backend_name)
+    inf = fitted(backend_name, "direct")
+    with pytest.raises(ValueError, match="influence_type"):
+        inf.influences(test, inputs, influence_type="sideways")
+    with pytest.raises(TypeError, match="data is a one-shot iterator"):
+        inf.self_influence(iter(list(inputs)))
+    with pytest.raises(TypeError, match="test_data is a one-shot iterator"):
+        inf.factors(x for x in test)
+    with pytest.raises(TypeError, match="input_data is a one-shot iterator"):
+        inf.top_k(test, iter(list(inputs)), 2)
+    with pytest.raises(TypeError, match="twice-differentiable"):
+        influx.Influence(object())
+    with pytest.raises(TypeError, match="method must be a name or a solver instance"):
+        influx.Influence(problem(backend_name)[0], influx.CgSolver)
 
 
 # -- measurements ----------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -27,13 +29,33 @@ def test_readme_has_a_quickstart_per_backend() -> None:
 
 
 def test_readme_quickstart_runs(
-    backend_name: str, capsys: pytest.CaptureFixture
+    backend_name: str,
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     key = {"torch": "pytorch", "jax": "jax"}[backend_name]
-    namespace: dict[str, object] = {"__name__": "readme"}
+    monkeypatch.chdir(tmp_path)  # the quickstart saves a file
+    namespace: dict[str, Any] = {"__name__": "readme"}
     exec(compile(_blocks()[key], f"README.md ({key})", "exec"), namespace)
     influences = namespace["influences"]
     assert tuple(influences.shape) == (20, 300)
     assert "(20, 300)" in capsys.readouterr().out.replace(
         "torch.Size([20, 300])", "(20, 300)"
     )
+    # What the quickstart shows holds: self-influence is the diagonal, top_k
+    # sorts, the margin changes the answer, the loaded object answers the same.
+    inf, train, test = namespace["inf"], namespace["train"], namespace["test"]
+    scores = np.asarray(influences, dtype=np.float64)
+    diagonal = np.diag(np.asarray(inf.influences(train, train), dtype=np.float64))
+    self_influences = np.asarray(namespace["self_influences"], dtype=np.float64)
+    np.testing.assert_allclose(self_influences, diagonal, rtol=1e-3, atol=1e-6)
+    values = np.asarray(namespace["values"], dtype=np.float64)
+    assert values.shape == (20, 5)
+    largest = key == "pytorch"
+    expected = np.sort(scores, axis=1)[:, ::-1] if largest else np.sort(scores, axis=1)
+    np.testing.assert_allclose(values, expected[:, :5], rtol=1e-6)
+    margins = np.asarray(namespace["margins"], dtype=np.float64)
+    assert margins.shape == (20, 300) and not np.allclose(margins, scores)
+    again = namespace["again"].influences(test, train)
+    np.testing.assert_allclose(np.asarray(again), scores, rtol=1e-5, atol=1e-7)

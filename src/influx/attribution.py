@@ -26,16 +26,20 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from influx._host import computes_on_host
 from influx._output import check_out_up_front
+from influx._scoring import (
+    check_model,
+    check_regularization,
+    concat,
+    gradients,
+    on_host,
+    read_gradients,
+    score,
+    up_blocks,
+)
 from influx.data import DataReader
 from influx.errors import InputError
-from influx.influence import (
-    _check_model,
-    _check_regularization,
-    _concat,
-    _gradients,
-    _influences,
-)
 from influx.methods import InfluenceType, parse_influence_type
 from influx.operators import HessianOperator, LinearOperator
 from influx.protocols import TwiceDifferentiable
@@ -117,8 +121,8 @@ class Influence:
         progress: bool = False,
         **method_options: Any,
     ) -> None:
-        _check_model(model)
-        _check_regularization(hessian_regularization, "hessian_regularization")
+        check_model(model)
+        check_regularization(hessian_regularization, "hessian_regularization")
         if isinstance(method, Solver):
             if method_options:
                 raise TypeError(
@@ -206,6 +210,21 @@ class Influence:
         RuntimeError
             If the object is already fitted (build a new one for new data).
         """
+        self._fit(training_data)
+        return self
+
+    def _fitted_rhs(self, training_data: Any, test_data: Any) -> tuple[_Fitted, Any]:
+        """Fit, and the gradients of ``test_data`` (the seed functions' order)."""
+        rhs = self._fit(training_data, test_data)
+        return self._require_fitted(), rhs
+
+    def _fit(self, training_data: Any, test_data: Any = None) -> Any:
+        """:meth:`fit`; with ``test_data``, also its gradients (returned).
+
+        The test gradients are computed after the training data is checked and
+        before the solver's ``init``, so that errors in the test data come
+        before the expensive part (the order of the seed's functions).
+        """
         with self._lock:
             if self._fitted is not None:
                 raise RuntimeError(
@@ -213,9 +232,15 @@ class Influence:
                     "not change (queries may be running on it). Build a new "
                     "influx.Influence(...) to fit other training data."
                 )
+            # JAX on the CPU: the solver's small steps run in numpy (nothing to
+            # compile), only the model's derivatives in JAX.
+            host = computes_on_host(self._model.parameters)
             hessian = HessianOperator(
-                self._guarded, training_data, progress=self._progress
+                self._guarded, training_data, progress=self._progress, host=host
             )
+            rhs = None
+            if test_data is not None:
+                rhs = self._test_gradients(test_data, training_data, None, host)
             operator = hessian.shift(self._regularization)
             state = self._solver.init(
                 operator,
@@ -223,10 +248,8 @@ class Influence:
                 training_data=training_data,
                 progress=self._progress,
             )
-            self._fitted = _Fitted(
-                state, operator, training_data, hessian.reader.num_samples
-            )
-        return self
+            self._fitted = _Fitted(state, operator, training_data, hessian.reader, host)
+        return rhs
 
     # -- queries -------------------------------------------------------------
 
@@ -250,10 +273,16 @@ class Influence:
             Native array ``[N_test, P]``.
         """
         fitted = self._require_fitted()
-        rhs = self._test_gradients(fitted, test_data, measurement)
+        rhs = self._test_gradients(
+            test_data, fitted.training_data, measurement, fitted.host
+        )
+        return self._solve(fitted, rhs)[0]
+
+    def _solve(self, fitted: _Fitted, rhs: Any) -> tuple[Any, SolveInfo]:
+        """Native solutions ``[K, P]`` of the right-hand sides ``rhs``, and the info."""
         solution, info = self._solver.solve(fitted.state, rhs, progress=self._progress)
         self._set_info(info)
-        return solution
+        return self._native(fitted, solution), info
 
     def influences(
         self,
@@ -292,8 +321,13 @@ class Influence:
         data, name = self._input(fitted, input_data)
         check_out_up_front(out, kind is InfluenceType.Up, data, test_data=test_data)
         factors = self.factors(test_data, measurement=measurement)
-        model, progress = self._guarded, self._progress
-        return _influences(kind, model, data, factors, progress, name, out)
+        return self._score(kind, data, name, factors, out)
+
+    def _score(
+        self, kind: InfluenceType, data: Any, name: str, factors: Any, out: Any
+    ) -> Any:
+        """Influences of ``kind`` of ``data`` for ``factors`` (the shared loop)."""
+        return score(kind, self._guarded, data, factors, self._progress, name, out)
 
     def self_influence(self, data: Any) -> Any:
         """``<H^{-1} g_i, g_i>`` of every point, ``g_i = grad l(z_i)``; ``[N]``.
@@ -309,10 +343,19 @@ class Influence:
         - cg, lissa (and any other solver): one batched solve of each batch's
           ``B`` gradients, as costly as computing ``B`` influence factors.
 
+        :attr:`info` is set by the solves of cg and lissa (one entry per
+        point); direct and arnoldi solve nothing here and leave it as it was.
+
+        There is no ``measurement=``: the self-influence of a measurement,
+        ``<H^{-1} grad m(z_i), grad l(z_i)>``, is no longer a quadratic form
+        (the cheap paths above do not apply) and needs the gradients of both
+        the measurement and the loss of every point. Take the diagonal of
+        ``influences(data, data, measurement=m)`` for a few points.
+
         Parameters
         ----------
         data
-            Re-iterable of ``(x, y)`` batches.
+            Re-iterable of ``(x, y)`` batches, ``N`` points, read in order.
 
         Returns
         -------
@@ -322,9 +365,10 @@ class Influence:
         fitted = self._require_fitted()
         name = _data_name(data, fitted, "data")
         model = self._guarded
-        reader = DataReader(data, name, model.backend, model.parameters)
+        reader = DataReader(data, name, model.backend, model.parameters, ordered=True)
         values, infos = [], []
-        for grads in _gradients(model, reader, self._progress, "Self-influence"):
+        for native in gradients(model, reader, self._progress, "Self-influence"):
+            grads = on_host(native) if fitted.host else native
             quadratic = _quadratic_form(self._solver, fitted.state, grads)
             if quadratic is None:
                 solution, info = self._solver.solve(fitted.state, grads)
@@ -334,7 +378,7 @@ class Influence:
             values.append(quadratic)
         if infos:
             self._set_info(_join_infos(infos))
-        return _concat(values)
+        return self._native(fitted, concat(values))
 
     def top_k(
         self,
@@ -388,10 +432,12 @@ class Influence:
             )
         factors = self.factors(test_data, measurement=measurement)
         model = self._guarded
-        reader = DataReader(data, name, model.backend, model.parameters)
+        reader = DataReader(data, name, model.backend, model.parameters, ordered=True)
         best = _RunningTopK(k, largest)
-        for grads in _gradients(model, reader, self._progress, "Top-k influences"):
-            best.add(model.backend.to_numpy(factors @ grads.T))
+        # The same blocks as influences(): top_k equals sorting its result.
+        desc = "Top-k influences"
+        for block in up_blocks(model, reader, factors, self._progress, desc):
+            best.add(_to_host(block))
         if best.seen < k:
             raise InputError(
                 f"k={k} is larger than the {best.seen} points of {name}: lower k."
@@ -428,7 +474,7 @@ class Influence:
             "method": self._solver.name,
             "options": options,
             "hessian_regularization": self._regularization,
-            "num_training_samples": fitted.num_samples,
+            "num_training_samples": self.num_training_samples,
             "influx_version": _influx_version(),
             "state": state_meta,
         }
@@ -476,7 +522,7 @@ class Influence:
             If the file is not an Influence file, the model differs from the
             one saved, or ``training_data`` is missing or of another size.
         """
-        _check_model(model)
+        check_model(model)
         with np.load(os.fspath(path), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
         header = _read_header(arrays, path)
@@ -493,6 +539,7 @@ class Influence:
             method == "arnoldi" and options.get("residuals", False)
         )
         expected = int(header["num_training_samples"])
+        host = computes_on_host(model.parameters)
         if training_data is None:
             if needs_data:
                 raise InputError(
@@ -500,9 +547,13 @@ class Influence:
                     f"training data ({expected} points) to Influence.load(path, "
                     "model, training_data)."
                 )
-            base: LinearOperator = _DetachedOperator(inf._guarded)
+            base: LinearOperator = _DetachedOperator(inf._guarded, host)
+            reader = None
         else:
-            hessian = HessianOperator(inf._guarded, training_data, progress=progress)
+            hessian = HessianOperator(
+                inf._guarded, training_data, progress=progress, host=host
+            )
+            reader = hessian.reader
             count = hessian.reader.num_samples
             if count != expected:
                 raise InputError(
@@ -518,7 +569,7 @@ class Influence:
         }
         importer = _state_io(inf._solver)[1]
         state = importer(state_arrays, header["state"], operator)
-        inf._fitted = _Fitted(state, operator, training_data, expected)
+        inf._fitted = _Fitted(state, operator, training_data, reader, host, expected)
         return inf
 
     # -- helpers -------------------------------------------------------------
@@ -547,13 +598,28 @@ class Influence:
         return fitted.training_data, "training_data"
 
     def _test_gradients(
-        self, fitted: _Fitted, test_data: Any, measurement: Measurement | None
+        self,
+        test_data: Any,
+        training_data: Any,
+        measurement: Measurement | None,
+        host: bool,
     ) -> Any:
+        """Gradients ``[N_test, P]`` of the loss (or measurement), in order.
+
+        On the host (numpy) when the solver runs there.
+        """
         model = self._guarded if measurement is None else self._measured(measurement)
-        name = _data_name(test_data, fitted, "test_data")
-        reader = DataReader(test_data, name, model.backend, model.parameters)
+        # When the test points are the training data, errors name the argument
+        # the user actually passed.
+        name = "training_data" if test_data is training_data else "test_data"
         desc = "Test gradients"
-        return _concat(list(_gradients(model, reader, self._progress, desc)))
+        return read_gradients(model, test_data, name, self._progress, desc, host=host)
+
+    def _native(self, fitted: _Fitted, array: Any) -> Any:
+        """A host-mode result (numpy) as the model's native array."""
+        if fitted.host and isinstance(array, np.ndarray):
+            return self._model.backend.asarray(array, like=self._model.parameters)
+        return array
 
     def _measured(self, measurement: Measurement) -> TwiceDifferentiable:
         """The model wrapped again with ``mean(measurement)`` as its loss, cached."""
@@ -581,12 +647,26 @@ class Influence:
 
 @dataclass(frozen=True)
 class _Fitted:
-    """What :meth:`Influence.fit` produces, never changed afterwards."""
+    """What :meth:`Influence.fit` produces, never changed afterwards.
+
+    ``host``: the solver runs in numpy (JAX on the CPU, ``influx._host``).
+    ``N`` is ``count`` when known (a loaded state), else read from ``reader``
+    when first asked (a pass over the data only if nothing read it yet).
+    """
 
     state: Any
     operator: LinearOperator
     training_data: Any
-    num_samples: int
+    reader: DataReader | None
+    host: bool = False
+    count: int | None = None
+
+    @property
+    def num_samples(self) -> int:
+        if self.count is not None:
+            return self.count
+        assert self.reader is not None
+        return self.reader.num_samples
 
 
 def _data_name(data: Any, fitted: _Fitted, default: str) -> str:
@@ -803,16 +883,19 @@ class _DetachedOperator(LinearOperator):
     product with the Hessian is an error that says to pass the training data.
     """
 
-    def __init__(self, model: TwiceDifferentiable) -> None:
-        self.model, self.size = model, model.num_params
+    def __init__(self, model: TwiceDifferentiable, host: bool = False) -> None:
+        self.model, self.size, self.host = model, model.num_params, host
+        self._host_like = (
+            np.asarray(model.backend.to_numpy(model.parameters)) if host else None
+        )
 
     @property
     def like(self) -> Any:
-        return self.model.parameters
+        return self._host_like if self.host else self.model.parameters
 
     @property
     def backend(self) -> Any:
-        return self.model.backend
+        return None if self.host else self.model.backend
 
     def mv(self, vectors: Any) -> Any:
         raise InputError(

@@ -77,11 +77,16 @@ class SolveInfo:
     def __str__(self) -> str:
         k = len(self.converged)
         status = "converged" if self.all_converged else "NOT converged"
-        worst = float(np.max(self.relative_residuals)) if k else 0.0
+        relative = self.relative_residuals
+        if k and bool(np.all(np.isnan(relative))):
+            # Not computed (Arnoldi without residuals=True), not a failure.
+            worst = "not computed"
+        else:
+            worst = f"{float(np.nanmax(relative)) if k else 0.0:.2e}"
         text = (
             f"{self.method}: {status} on {int(np.sum(self.converged))}/{k} right-hand "
             f"sides, max iterations {int(np.max(self.iterations)) if k else 0}, "
-            f"max relative residual {worst:.2e}"
+            f"max relative residual {worst}"
         )
         return f"{text}. {self.message}" if self.message else text
 
