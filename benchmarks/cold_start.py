@@ -10,7 +10,7 @@ points, float32, ``hessian_regularization=1e-2``, batches of 100.
 
 Run from the repository root::
 
-    PYTHONPATH=src:backends python benchmarks/cold_start.py
+    PYTHONPATH=src:backends python benchmarks/cold_start.py [--workload W1]
 
 ``INFLUX_JAX_CACHE_DIR`` is removed from the children's environment, so the
 JAX numbers are truly cold (no persistent compilation cache). On a shared,
@@ -76,8 +76,35 @@ seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "checksum": float(np.abs(values).sum())}))
 """
 
+#: The same first call on W1 (digits MLP, P = 2,410, 1,000 training and 100
+#: test points, float32, its benchmark options), for ``--workload W1``.
+CHILD_W1 = r"""
+import json, sys, time
+import numpy as np
+backend, method, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, folder)
+from _models import influx_model
+from _workloads import load
+from run_influx import METHODS
+import influx
+workload = load("W1")
+spec = workload.spec
+model, native = influx_model(backend, workload.weights, "float32")
+def data(x, y):
+    return influx.batches(native(x), native(y), batch_size=spec.batch_size)
+name, kind, options = METHODS[method]
+start = time.perf_counter()
+result = influx.compute_influences(
+    model, data(workload.x_train, workload.y_train),
+    test_data=data(workload.x_test, workload.y_test), inversion_method=name,
+    hessian_regularization=spec.hessian_regularization, **options)
+values = np.asarray(model.backend.to_numpy(result))
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "checksum": float(np.abs(values).sum())}))
+"""
 
 THREADS: str | None = None
+WORKLOAD = "synthetic"
 
 
 def _environment() -> dict[str, str]:
@@ -97,8 +124,13 @@ def _environment() -> dict[str, str]:
 def run_method(backend: str, method: str) -> tuple[float, float]:
     """``(first-call seconds, process seconds)`` of one method in a new process."""
     start = time.perf_counter()
+    if WORKLOAD == "W1":
+        folder = os.path.dirname(os.path.abspath(__file__))
+        command = [sys.executable, "-c", CHILD_W1, backend, method, folder]
+    else:
+        command = [sys.executable, "-c", CHILD, backend, method]
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, backend, method],
+        command,
         env=_environment(),
         capture_output=True,
         text=True,
@@ -125,10 +157,18 @@ def run_demo(backend: str) -> tuple[float, float]:
 
 def main() -> None:
     """Print one row per method (and the demo): seconds per backend and the ratio."""
-    global THREADS
+    global THREADS, WORKLOAD
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default=None, help="BLAS/OpenMP threads")
-    THREADS = parser.parse_args().threads
+    parser.add_argument(
+        "--workload",
+        choices=["synthetic", "W1"],
+        default="synthetic",
+        help="the 650-parameter logistic regression, or W1 (made by "
+        "make_workloads.py, needs scikit-learn)",
+    )
+    args = parser.parse_args()
+    THREADS, WORKLOAD = args.threads, args.workload
     print(f"load average before: {os.getloadavg()}")
     header = (
         f"{'case':<10}{'torch s':>10}{'jax s':>10}{'jax/torch':>11}"
