@@ -20,6 +20,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
+from influx._host import host_view
 from influx.errors import InputError
 from influx.protocols import TwiceDifferentiable
 
@@ -118,8 +119,11 @@ class LossConventionCheck:
         model, name = self.model, self.name
         if per_sample is None:
             per_sample = evaluate(name, index, x, model.per_sample_grads, x, y)
-        grads, losses = per_sample
-        batch = _batch_value_and_grad(model, name, index, x, y)
+        # JAX on the CPU: compare in numpy (eager JAX compiles every small op).
+        grads, losses = (_on_host(array) for array in per_sample)
+        value, batch_grad = _batch_value_and_grad(model, name, index, x, y)
+        batch = (value, _on_host(batch_grad))
+        per_sample = (grads, losses)
         where = f"{name} batch {index}"
         _check_finite_per_sample(model, where, losses, batch[1])
         ensure_finite(grads, f"{where}: the loss gradient")
@@ -222,6 +226,12 @@ def _compare(
         f"from the mean of the per-sample losses: {measured} (tolerance "
         f"{tol:.1e}). " + _PER_SAMPLE_FIX.format(y_shape=y_shape)
     )
+
+
+def _on_host(array: Any) -> Any:
+    """A numpy view of ``array`` where it lives on the host, else ``array``."""
+    view = host_view(array)
+    return array if view is None else view
 
 
 def _relative(difference: float, scale: float) -> float:
