@@ -77,6 +77,10 @@ class TorchTwiceDifferentiable:
     4
     """
 
+    #: Calls are serialised per module by :func:`module_lock`, so influx needs
+    #: no lock of its own around them.
+    thread_safe = True
+
     def __init__(
         self, model: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor]
     ) -> None:

@@ -738,10 +738,10 @@ _MODULE_LOCKS_LOCK = threading.Lock()
 def _guard(model: TwiceDifferentiable) -> TwiceDifferentiable:
     """``model``, or a proxy that serialises its calls per wrapped network.
 
-    JAX functions are pure and a model may declare ``thread_safe = True``; any
-    other model (a torch module, whose functional calls swap its parameters
-    for the duration) is called by one thread at a time, shared by every
-    wrapper of the same network.
+    JAX functions are pure, and a model may declare ``thread_safe = True`` (the
+    torch adapter does: it serialises its calls per module itself); any other
+    model, a third-party backend's, is called by one thread at a time, with a
+    lock shared by every wrapper of the same network.
     """
     if getattr(model, "thread_safe", False) or model.backend.name == "jax":
         return model
@@ -783,10 +783,6 @@ class _Serialised:
     def hvp(self, x: Any, y: Any, vectors: Any) -> Any:
         with self._call_lock:
             return self._wrapped.hvp(x, y, vectors)
-
-    def hessian(self, x: Any, y: Any) -> Any:
-        with self._call_lock:
-            return self._wrapped.hessian(x, y)
 
     def mixed_grads(self, x: Any, y: Any, vectors: Any) -> Any:
         with self._call_lock:
