@@ -22,6 +22,14 @@ def linear_weights(
     return rng.standard_normal((out_dim, in_dim)), rng.standard_normal(out_dim)
 
 
+def spd_matrix(eigenvalues: Any, seed: int = 0) -> np.ndarray:
+    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q``."""
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((eigenvalues.size, eigenvalues.size)))
+    return (q * eigenvalues) @ q.T
+
+
 def mlp_weights(
     sizes: tuple[int, ...], seed: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from models import jax_mlp
 
 import influx
 
@@ -156,17 +157,9 @@ def _equinox_mlp() -> Any:
 
 
 def _plain_mlp(layers: list[Any]) -> tuple[Any, Any]:
-    params = [{"w": layer.weight, "b": layer.bias} for layer in layers]
-
-    def apply_fn(p: Any, x: Any) -> Any:
-        h = x
-        for index, layer in enumerate(p):
-            h = h @ layer["w"].T + layer["b"]
-            if index < len(p) - 1:
-                h = jnp.tanh(h)
-        return h
-
-    return apply_fn, params
+    """The same weights as a plain ``apply_fn(params, x)`` (tests/models.py)."""
+    weights = [(np.asarray(layer.weight), np.asarray(layer.bias)) for layer in layers]
+    return jax_mlp(weights, "float64")
 
 
 def test_equinox_module_without_params() -> None:

@@ -11,6 +11,7 @@ from models import (
     linear_weights,
     mlp_weights,
     rel_err,
+    spd_matrix,
     to_numpy,
     wrap_mlp,
 )
@@ -22,14 +23,6 @@ from influx.solvers import lissa as lissa_module
 from influx.solvers.preconditioners import NystromPreconditioner
 
 SYM = frozenset({"symmetric"})
-
-
-def spd_matrix(eigenvalues, seed: int = 0) -> np.ndarray:
-    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q``."""
-    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((eigenvalues.size, eigenvalues.size)))
-    return (q * eigenvalues) @ q.T
 
 
 # -- an outlier batch: linear regression with one high-leverage point ---------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import spd_matrix
 
 import influx
 from influx.operators import DenseOperator, LinearOperator
@@ -26,14 +27,6 @@ from influx.solvers import (
 )
 
 SYM = frozenset({"symmetric"})
-
-
-def spd_matrix(eigenvalues, seed: int = 0) -> np.ndarray:
-    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q``."""
-    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((eigenvalues.size, eigenvalues.size)))
-    return (q * eigenvalues) @ q.T
 
 
 def numpy_solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
