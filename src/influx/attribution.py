@@ -41,7 +41,7 @@ from influx._scoring import (
 from influx.data import DataReader
 from influx.errors import InputError
 from influx.methods import InfluenceType, parse_influence_type
-from influx.operators import HessianOperator, LinearOperator
+from influx.operators import HessianOperator, LinearOperator, ModelPlacedOperator
 from influx.protocols import TwiceDifferentiable
 from influx.solvers import (
     ArnoldiSolver,
@@ -872,7 +872,7 @@ class _RunningTopK:
         return np.ascontiguousarray(self.values), np.ascontiguousarray(self.indices)
 
 
-class _DetachedOperator(LinearOperator):
+class _DetachedOperator(ModelPlacedOperator):
     """Stands in for the Hessian of a loaded state with no training data.
 
     Gives the size, namespace and backend that a factorised state needs; any
@@ -880,18 +880,8 @@ class _DetachedOperator(LinearOperator):
     """
 
     def __init__(self, model: TwiceDifferentiable, host: bool = False) -> None:
-        self.model, self.size, self.host = model, model.num_params, host
-        self._host_like = (
-            np.asarray(model.backend.to_numpy(model.parameters)) if host else None
-        )
-
-    @property
-    def like(self) -> Any:
-        return self._host_like if self.host else self.model.parameters
-
-    @property
-    def backend(self) -> Any:
-        return None if self.host else self.model.backend
+        self.size = model.num_params
+        self._place(model, host)
 
     def mv(self, vectors: Any) -> Any:
         raise InputError(

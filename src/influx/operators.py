@@ -405,7 +405,34 @@ def split_shift(operator: LinearOperator) -> tuple[LinearOperator, float]:
     return operator, shift
 
 
-class HessianOperator(LinearOperator):
+class ModelPlacedOperator(LinearOperator):
+    """An operator whose arrays are a model's, or numpy views in host mode.
+
+    In host mode (JAX on the CPU, see :mod:`influx._host`) the solvers work on
+    numpy arrays and the operator has no backend; otherwise its arrays are the
+    model's native ones.
+    """
+
+    model: TwiceDifferentiable
+    host: bool = False
+    _host_like: Any = None
+
+    def _place(self, model: TwiceDifferentiable, host: bool) -> None:
+        self.model, self.host = model, bool(host)
+        self._host_like = (
+            np.asarray(model.backend.to_numpy(model.parameters)) if host else None
+        )
+
+    @property
+    def like(self) -> Any:
+        return self._host_like if self.host else self.model.parameters
+
+    @property
+    def backend(self) -> Backend | None:
+        return None if self.host else self.model.backend
+
+
+class HessianOperator(ModelPlacedOperator):
     """Hessian of the training loss ``L(theta) = (1/N) sum_i l(z_i, theta)``.
 
     Each product reads the whole training set once and weights every batch by
@@ -452,18 +479,7 @@ class HessianOperator(LinearOperator):
         self.progress = progress
         self.num_passes = 0
         self._loss_check = LossConventionCheck(model, name)
-        self.host = bool(host)
-        self._host_like = (
-            np.asarray(model.backend.to_numpy(model.parameters)) if host else None
-        )
-
-    @property
-    def like(self) -> Any:
-        return self._host_like if self.host else self.model.parameters
-
-    @property
-    def backend(self) -> Backend | None:
-        return None if self.host else self.model.backend
+        self._place(model, host)
 
     def _native(self, compute: Any, *args: Any) -> Any:
         """``compute(*args)`` on the model; its result on the host in host mode."""
