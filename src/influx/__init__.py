@@ -27,6 +27,7 @@ from influx.influence import (
     compute_influences_pert,
     compute_influences_up,
 )
+from influx.layers import Layer, LayerBatch, LayerStructured
 from influx.methods import InfluenceType, InversionMethod
 from influx.models import twice_differentiable
 from influx.operators import HessianOperator, LinearOperator
@@ -59,6 +60,9 @@ __all__ = [
     "InfluxWarning",
     "InputError",
     "InversionMethod",
+    "Layer",
+    "LayerBatch",
+    "LayerStructured",
     "LinearOperator",
     "LissaSolver",
     "NotConvergedWarning",
