@@ -183,3 +183,55 @@ def batch_hessian(model: Any, x: Any, y: Any) -> np.ndarray:
     import jax
 
     return to_numpy(jax.hessian(model._batch_loss)(theta, x, y))
+
+
+def _outputs_function(model: Any, x: Any) -> Any:
+    """``theta -> outputs [B, C]`` of the wrapped network on ``x`` (native)."""
+    if model.backend.name == "torch":
+        from torch.func import functional_call
+
+        def outputs(t: Any) -> Any:
+            params = {**model._constants, **model._unflatten(t)}
+            return functional_call(model.model, params, (x,))
+
+        return outputs
+    return lambda t: model.apply_fn(model._unravel(t), x)
+
+
+def batch_outputs_jacobian(model: Any, x: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs ``[B, C]`` and their Jacobian ``[B, C, P]`` in ``theta``, float64.
+
+    An independent reference: the framework's own ``jacrev`` of the wrapped
+    network's forward pass, not influx's products.
+    """
+    backend, theta = model.backend, model.parameters
+    x = backend.asarray(x, like=theta)
+    outputs = _outputs_function(model, x)
+    if backend.name == "torch":
+        from torch.func import jacrev
+
+        with model._eval_mode():
+            return to_numpy(outputs(theta)), to_numpy(jacrev(outputs)(theta))
+    import jax
+
+    return to_numpy(outputs(theta)), to_numpy(jax.jacrev(outputs)(theta))
+
+
+def batch_ggn(model: Any, x: Any, loss: str) -> np.ndarray:
+    """Dense Gauss-Newton matrix ``[P, P]`` of the batch-mean loss, float64.
+
+    ``sum_b J_b^T H_b J_b`` with the output Hessians written out by hand:
+    ``"mse"`` (mean over all ``B C`` elements) has ``H_b = 2 / (B C) I``,
+    ``"cross_entropy"`` (mean over the batch) ``(diag(p_b) - p_b p_b^T) / B``.
+    """
+    outputs, jac = batch_outputs_jacobian(model, x)  # [B, C], [B, C, P]
+    count, classes = outputs.shape
+    if loss == "mse":
+        hout = np.tile(np.eye(classes) * 2 / (count * classes), (count, 1, 1))
+    else:
+        p = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        hout = (
+            np.einsum("bc,cd->bcd", p, np.eye(classes)) - p[:, :, None] * p[:, None]
+        ) / count
+    return np.einsum("bcp,bcd,bdq->pq", jac, hout, jac)

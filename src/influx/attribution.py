@@ -41,7 +41,12 @@ from influx._scoring import (
 from influx.data import DataReader
 from influx.errors import InputError
 from influx.methods import InfluenceType, parse_influence_type
-from influx.operators import HessianOperator, LinearOperator, ModelPlacedOperator
+from influx.operators import (
+    HessianOperator,
+    LinearOperator,
+    ModelPlacedOperator,
+    check_curvature,
+)
 from influx.protocols import TwiceDifferentiable
 from influx.solvers import (
     ArnoldiSolver,
@@ -84,6 +89,14 @@ class Influence:
         instance, which is used as is.
     hessian_regularization
         ``lambda >= 0`` added to the Hessian's diagonal.
+    curvature
+        ``"hessian"`` or ``"ggn"``, the matrix ``H`` the method inverts: the
+        Hessian of the training loss, or its generalised Gauss-Newton matrix
+        ``J^T H_out J`` (positive semi-definite for convex losses such as
+        cross-entropy and squared error, so it suits a model not trained to
+        a minimum). ``None`` (default) means the Hessian, except for K-FAC and
+        EK-FAC, which approximate the Gauss-Newton matrix by construction
+        (``"hessian"`` is an error for them).
     progress
         Show progress bars.
     **method_options
@@ -118,6 +131,7 @@ class Influence:
         method: str | Solver = "direct",
         hessian_regularization: float = 0.0,
         *,
+        curvature: str | None = None,
         progress: bool = False,
         **method_options: Any,
     ) -> None:
@@ -138,6 +152,9 @@ class Influence:
             )
         else:
             solver = make_solver(method, **method_options)
+        self._curvature, self._operator_curvature = _resolve_curvature(
+            curvature, solver, model
+        )
         self._model = model
         self._guarded = _guard(model)
         self._solver = solver
@@ -164,6 +181,11 @@ class Influence:
     def method(self) -> str:
         """The inversion method's name."""
         return self._solver.name
+
+    @property
+    def curvature(self) -> str:
+        """``"hessian"`` or ``"ggn"``: the curvature matrix the method inverts."""
+        return self._curvature
 
     @property
     def hessian_regularization(self) -> float:
@@ -236,7 +258,11 @@ class Influence:
             # compile), only the model's derivatives in JAX.
             host = computes_on_host(self._model.parameters)
             hessian = HessianOperator(
-                self._guarded, training_data, progress=self._progress, host=host
+                self._guarded,
+                training_data,
+                progress=self._progress,
+                host=host,
+                curvature=self._operator_curvature,
             )
             rhs = None
             if test_data is not None:
@@ -474,6 +500,7 @@ class Influence:
             "method": self._solver.name,
             "options": options,
             "hessian_regularization": self._regularization,
+            "curvature": self._curvature,
             "num_training_samples": self.num_training_samples,
             "influx_version": _influx_version(),
             "state": state_meta,
@@ -532,6 +559,7 @@ class Influence:
             model,
             method,
             header["hessian_regularization"],
+            curvature=header.get("curvature", "hessian"),
             progress=progress,
             **options,
         )
@@ -551,7 +579,11 @@ class Influence:
             reader = None
         else:
             hessian = HessianOperator(
-                inf._guarded, training_data, progress=progress, host=host
+                inf._guarded,
+                training_data,
+                progress=progress,
+                host=host,
+                curvature=inf._operator_curvature,
             )
             reader = hessian.reader
             count = hessian.reader.num_samples
@@ -667,6 +699,29 @@ class _Fitted:
             return self.count
         assert self.reader is not None
         return self.reader.num_samples
+
+
+def _resolve_curvature(
+    curvature: str | None, solver: Solver, model: TwiceDifferentiable
+) -> tuple[str, str]:
+    """``(curvature, the operator's curvature)`` of an :class:`Influence`.
+
+    A solver that approximates a curvature itself (K-FAC: the Gauss-Newton
+    matrix, from the layers) never multiplies by its operator's, which is then
+    the plain Hessian; asking it for another curvature is an error.
+    """
+    own = getattr(solver, "curvature", None)
+    if own is None:
+        name = check_curvature("hessian" if curvature is None else curvature, model)
+        return name, name
+    if curvature is not None and str(curvature).strip().lower() != own:
+        raise InputError(
+            f"curvature={curvature!r} is not available with method "
+            f"{solver.name!r}, which approximates the {own!r} curvature by "
+            f"construction: leave curvature unset (or pass {own!r}), or pick a "
+            "method of the exact curvature (direct, block, cg, arnoldi)."
+        )
+    return own, "hessian"
 
 
 def _data_name(data: Any, fitted: _Fitted, default: str) -> str:
@@ -787,6 +842,14 @@ class _Serialised:
     def mixed_grads(self, x: Any, y: Any, vectors: Any) -> Any:
         with self._call_lock:
             return self._wrapped.mixed_grads(x, y, vectors)
+
+    def ggnvp(self, x: Any, y: Any, vectors: Any) -> Any:
+        with self._call_lock:
+            return self._wrapped.ggnvp(x, y, vectors)
+
+    def layer_batch(self, x: Any, y: Any, **options: Any) -> Any:
+        with self._call_lock:
+            return self._wrapped.layer_batch(x, y, **options)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._wrapped, name)

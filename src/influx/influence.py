@@ -56,6 +56,7 @@ def compute_influence_factors(
     progress: bool = False,
     return_info: bool = False,
     hessian_regularization: float | None = None,
+    curvature: str | None = None,
     **kwargs: Any,
 ) -> Any:
     r"""Influence factors ``s_test = (H + lambda I)^{-1} grad l(z_test)``.
@@ -81,6 +82,9 @@ def compute_influence_factors(
         pass one of the two.
     return_info
         Also return the solver's :class:`~influx.solvers.SolveInfo`.
+    curvature
+        ``"hessian"`` (default) or ``"ggn"``, the generalised Gauss-Newton
+        matrix (see :class:`influx.Influence`).
     **kwargs
         Options of the inversion method: CG ``rtol, atol, maxiter, x0,
         preconditioner``; LiSSA ``maxiter, dampen, scale, h0, rtol, seed,
@@ -105,7 +109,9 @@ def compute_influence_factors(
     regularization = resolve_regularization(
         hessian_regularization, hessian_perturbation
     )
-    inf = _influence(model, inversion_method, regularization, progress, kwargs)
+    inf = _influence(
+        model, inversion_method, regularization, progress, kwargs, curvature
+    )
     factors, info = inf._solve(*inf._fitted_rhs(training_data, test_data))
     return (factors, info) if return_info else factors
 
@@ -202,6 +208,7 @@ def compute_influences(
     progress: bool = False,
     out: Any = None,
     hessian_perturbation: float | None = None,
+    curvature: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Influence of every input point on every test point.
@@ -231,6 +238,9 @@ def compute_influences(
         Optional host array (numpy, ``numpy.memmap``, zarr) of the result's
         shape that takes it block by block, so that a result larger than
         memory streams to disk; it is returned.
+    curvature
+        ``"hessian"`` (default) or ``"ggn"``, the generalised Gauss-Newton
+        matrix (see :class:`influx.Influence`).
     **kwargs
         Options of the inversion method (see
         :func:`compute_influence_factors`).
@@ -248,7 +258,7 @@ def compute_influences(
     >>> influx.compute_influences(model, data, inversion_method="cg")  # doctest: +SKIP
     """
     kind = parse_influence_type(influence_type)
-    method = parse_inversion_method(inversion_method)
+    method = _resolve_method(inversion_method)
     regularization = resolve_regularization(
         hessian_regularization, hessian_perturbation
     )
@@ -262,7 +272,9 @@ def compute_influences(
     data = training_data if input_data is None else input_data
     check_out_up_front(out, kind is InfluenceType.Up, data, test_data=test)
     check_model(differentiable_model)
-    inf = _influence(differentiable_model, method, regularization, progress, kwargs)
+    inf = _influence(
+        differentiable_model, method, regularization, progress, kwargs, curvature
+    )
     factors, _ = inf._solve(*inf._fitted_rhs(training_data, test))
     name = "training_data" if data is training_data else "input_data"
     return inf._score(kind, data, name, factors, out)
@@ -274,13 +286,32 @@ def _influence(
     regularization: float,
     progress: bool,
     options: dict[str, Any],
+    curvature: str | None = None,
 ) -> Influence:
     """The :class:`influx.Influence` a seed function runs on (not fitted yet).
 
     ``method`` is a built-in name, a name given to :func:`influx.register_solver`
     or a solver instance.
     """
+    return Influence(
+        model,
+        _resolve_method(method),
+        regularization,
+        curvature=curvature,
+        progress=progress,
+        **options,
+    )
+
+
+def _resolve_method(method: InversionMethod | str | Solver) -> Any:
+    """``method`` checked: a solver instance, a registered name or a built-in one.
+
+    Raises
+    ------
+    InputError
+        For a name that is neither built in nor registered.
+    """
     registered = isinstance(method, str) and method.strip().lower() in SOLVERS
-    if not (registered or isinstance(method, Solver)):
-        method = parse_inversion_method(method)
-    return Influence(model, method, regularization, progress=progress, **options)
+    if registered or isinstance(method, Solver):
+        return method
+    return parse_inversion_method(method)

@@ -32,12 +32,14 @@ from influx.errors import InputError
 from influx.protocols import Backend, TwiceDifferentiable
 
 __all__ = [
+    "CURVATURES",
     "DenseOperator",
     "HessianOperator",
     "LinearOperator",
     "ScaledOperator",
     "ShiftedOperator",
     "SumOperator",
+    "check_curvature",
     "split_shift",
 ]
 
@@ -432,8 +434,45 @@ class ModelPlacedOperator(LinearOperator):
         return None if self.host else self.model.backend
 
 
+#: The curvature matrices :class:`HessianOperator` can average over the data.
+CURVATURES = ("hessian", "ggn")
+
+
+def check_curvature(curvature: Any, model: TwiceDifferentiable) -> str:
+    """``curvature`` checked and lower-cased; ``"ggn"`` needs the model's ``ggnvp``.
+
+    Raises
+    ------
+    InputError
+        For a name other than ``"hessian"`` or ``"ggn"``, or ``"ggn"`` with a
+        model whose adapter has no Gauss-Newton products.
+    """
+    if not isinstance(curvature, str) or curvature.strip().lower() not in CURVATURES:
+        raise InputError(
+            f"curvature must be 'hessian' or 'ggn', got {curvature!r}. 'ggn' is "
+            "the generalised Gauss-Newton matrix J^T H_out J (positive semi-"
+            "definite for convex losses such as cross-entropy and squared error)."
+        )
+    name = curvature.strip().lower()
+    if name == "ggn" and not callable(getattr(model, "ggnvp", None)):
+        raise InputError(
+            f"curvature='ggn' needs Gauss-Newton products, and the "
+            f"{model.backend.name!r} backend's {type(model).__name__} has no "
+            "ggnvp(x, y, vectors) method: use curvature='hessian', or a backend "
+            "that implements it (torch and jax do)."
+        )
+    return name
+
+
 class HessianOperator(ModelPlacedOperator):
-    """Hessian of the training loss ``L(theta) = (1/N) sum_i l(z_i, theta)``.
+    """Curvature of the training loss ``L(theta) = (1/N) sum_i l(z_i, theta)``.
+
+    The Hessian of ``L`` (default), or with ``curvature="ggn"`` its
+    generalised Gauss-Newton matrix ``(1/N) sum_i J_i^T H_i J_i`` (``J_i`` the
+    Jacobian of the model's outputs for point ``i`` in ``theta``, ``H_i`` the
+    Hessian of the loss in those outputs), which leaves out the second
+    derivatives of the network and is positive semi-definite for a loss
+    convex in the outputs.
 
     Each product reads the whole training set once and weights every batch by
     its size, so a short last batch counts for exactly its points. Products
@@ -448,6 +487,9 @@ class HessianOperator(ModelPlacedOperator):
         A re-iterable of ``(x, y)`` batches.
     progress
         Show a progress bar while materialising the Hessian.
+    curvature
+        ``"hessian"`` (default; the adapter's ``hvp``) or ``"ggn"`` (its
+        ``ggnvp``).
     host
         Run the operator's own arithmetic in numpy on the host: products and
         the Hessian come back as numpy arrays, and ``like`` is a numpy view
@@ -471,8 +513,12 @@ class HessianOperator(ModelPlacedOperator):
         progress: bool = False,
         name: str = "training_data",
         host: bool = False,
+        curvature: str = "hessian",
     ) -> None:
         check_parameters(model)
+        self.curvature = check_curvature(curvature, model)
+        if self.curvature == "ggn":
+            self.tags = frozenset({SYMMETRIC})  # PSD only for convex losses
         self.model = model
         self.size = model.num_params
         self.reader = DataReader(training_data, name, model.backend, model.parameters)
@@ -500,9 +546,8 @@ class HessianOperator(ModelPlacedOperator):
         name = self.reader.name
         model_vectors = xp.astype(vectors, self.dtype)
         self._loss_check(index, x, y)
-        product = evaluate(
-            name, index, x, self._native, self.model.hvp, x, y, model_vectors
-        )
+        compute = self.model.ggnvp if self.curvature == "ggn" else self.model.hvp
+        product = evaluate(name, index, x, self._native, compute, x, y, model_vectors)
         ensure_finite(product, f"{name} batch {index}: {what}")
         return xp.astype(product, vectors.dtype)
 

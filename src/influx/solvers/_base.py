@@ -129,6 +129,10 @@ class Solver(abc.ABC):
     name: ClassVar[str]
     #: Old option names still accepted, mapped to their new names.
     deprecated_options: ClassVar[dict[str, str]] = {}
+    #: The curvature the solver approximates whatever operator it gets (K-FAC
+    #: and EK-FAC: ``"ggn"``, from the model's layers); ``None`` for a solver
+    #: of its operator, whose curvature ``Influence(curvature=...)`` chooses.
+    curvature: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def init(
