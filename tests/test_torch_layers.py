@@ -331,3 +331,39 @@ def test_module_unchanged_when_forward_raises() -> None:
     with pytest.raises(RuntimeError):
         model.layer_batch(x[:, :2], y)  # wrong input width
     _assert_same(before, _state(module))
+
+
+# -- ggn probes on convolutions and rest parameters --------------------------------
+
+
+def _dense_ggn(model: Any, x: Any, y: Any) -> np.ndarray:
+    """``J^T H_out J`` from ``jacrev`` of the outputs and ``hessian`` of the loss."""
+    from torch.func import functional_call, hessian, jacrev
+
+    def outputs(theta: Any) -> Any:
+        params = {**model._constants, **model._unflatten(theta)}
+        return functional_call(model.model, params, (x,))
+
+    with model._eval_mode():
+        predictions = outputs(model.parameters).detach()
+        jac = to_numpy(jacrev(outputs)(model.parameters))
+        h_out = to_numpy(hessian(lambda f: model.loss(f, y))(predictions))
+    size = predictions.numel()
+    jac = jac.reshape(size, -1)
+    return jac.T @ h_out.reshape(size, size) @ jac
+
+
+@pytest.mark.parametrize("name", ["cnn", "conv1d", "normed", "seq"])
+def test_ggn_probes_equal_dense_ggn(name: str) -> None:
+    """``(1/B) sum_n sum_s`` of the probes' gradient outer products is the GGN."""
+    module, x, y, loss = _data(name)
+    model = influx.twice_differentiable(module, loss)
+    batch = model.layer_batch(x, y, fisher="ggn")
+    flat = to_numpy(flat_gradients(LayerLayout(model.layers, model.num_params), batch))
+    probe_ggn = np.einsum("nsp,nsq->pq", flat, flat) / B
+    dense = _dense_ggn(model, x, y)
+    assert np.abs(probe_ggn - dense).max() <= 1e-10 * np.abs(dense).max()
+    vectors = np.random.default_rng(0).standard_normal((2, model.num_params))
+    products = to_numpy(model.ggnvp(x, y, torch.as_tensor(vectors)))
+    expected = vectors @ dense
+    assert np.abs(products - expected).max() <= 1e-10 * np.abs(expected).max()
