@@ -109,6 +109,31 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.mid(self.emb(x).mean(dim=1))))
 
 
+class Attention(nn.Module):
+    """Self-attention (its projections are the rest), a kwargs call, a spare layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.spare = nn.Linear(4, 4)  # never called: zero gradients
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Any) -> Any:
+        h, _ = self.attn(x, x, x, need_weights=False)
+        return self.out(input=h.mean(dim=1))
+
+
+class DirectRead(nn.Module):
+    """A layer whose weight the parent reads directly, never calling the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Any) -> Any:
+        return torch.nn.functional.linear(x, self.fc.weight)
+
+
 def _mlp() -> Any:
     return torch_mlp(mlp_weights((3, 5, 4, 2), seed=1), "float64")
 
@@ -142,6 +167,9 @@ def _data(name: str, dtype: Any = torch.float64) -> tuple[Any, Any, Any]:
     elif name == "frozen":
         module, x, loss = _frozen(), torch.randn(B, 3, generator=gen), mse
         y = torch.randn(B, 2, generator=gen)
+    elif name == "attention":
+        module, x, loss = Attention(), torch.randn(B, 3, 4, generator=gen), mse
+        y = torch.randn(B, 2, generator=gen)
     elif name == "tied":
         module, x, loss = Tied(), torch.randint(0, 5, (B, 4), generator=gen), ce
         y = torch.randint(0, 5, (B,), generator=gen)
@@ -155,7 +183,17 @@ def _data(name: str, dtype: Any = torch.float64) -> tuple[Any, Any, Any]:
     return module, x, y, loss
 
 
-MODELS = ["mlp", "mlp_ce", "cnn", "conv1d", "normed", "seq", "frozen", "tied"]
+MODELS = [
+    "mlp",
+    "mlp_ce",
+    "cnn",
+    "conv1d",
+    "normed",
+    "seq",
+    "frozen",
+    "tied",
+    "attention",
+]
 
 #: Expected (layer names, whether each has a bias, P_rest).
 STRUCTURE = {
@@ -166,6 +204,7 @@ STRUCTURE = {
     "seq": (["proj", "mix", "head"], [True] * 3, 0),
     "frozen": (["2"], [False], 2),
     "tied": (["mid"], [True], 5 * 3 + 5),
+    "attention": (["spare", "out"], [True, True], 3 * 4 * 4 + 3 * 4 + 4 * 4 + 4),
 }
 
 
@@ -243,6 +282,26 @@ def test_integer_inputs_cast() -> None:
     )
     grads, _ = model.per_sample_grads(xi, y)
     assert float((flat[:, 0] - grads).abs().max()) <= 1e-10 * float(grads.abs().max())
+
+
+def test_uncalled_layer_has_zero_gradients() -> None:
+    module, x, y, loss = _data("attention")
+    batch = influx.twice_differentiable(module, loss).layer_batch(x, y, fisher="ggn")
+    assert batch.inputs[0].shape == (B, 1, 4)
+    assert batch.output_grads[0].shape == (B, 2, 1, 4)
+    assert not batch.output_grads[0].any()
+
+
+def test_weight_read_directly_is_an_error() -> None:
+    model = influx.twice_differentiable(DirectRead().double(), nn.MSELoss())
+    assert [layer.name for layer in model.layers] == ["fc"]
+    x, y = (
+        torch.randn(B, 3, dtype=torch.float64),
+        torch.randn(B, 2, dtype=torch.float64),
+    )
+    with pytest.raises(InputError, match=r"'fc' was not called.*reads it directly"):
+        model.layer_batch(x, y)
+    assert not model.model.fc._forward_hooks
 
 
 def test_bad_arguments() -> None:

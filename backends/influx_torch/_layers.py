@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,15 +41,24 @@ from influx._checks import scalar_loss
 from influx.errors import InputError
 from influx.layers import FISHER_TYPES, MAX_OUTPUT_HESSIAN, Layer, LayerBatch, Noise
 
-__all__ = ["find_layers", "layer_batch"]
+__all__ = ["LayerStructure", "find_layers", "layer_batch"]
 
 _LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
 
+class LayerStructure(NamedTuple):
+    """A module's layers, the module of each, and the rest parameters' names."""
+
+    layers: list[Layer]
+    modules: list[torch.nn.Module]
+    rest_names: list[str]
+    weight_names: list[str]
+
+
 def find_layers(
     module: torch.nn.Module, names: list[str], sizes: list[int]
-) -> tuple[list[Layer], list[torch.nn.Module]]:
-    """The recognised layers of ``module`` and their modules.
+) -> LayerStructure:
+    """The recognised layers of ``module``, their modules and the rest.
 
     Parameters
     ----------
@@ -60,8 +69,9 @@ def find_layers(
 
     Returns
     -------
-    (list of Layer, list of torch.nn.Module)
-        The layers, in registration order, and the module of each.
+    LayerStructure
+        The layers, in registration order, the module of each, and the names
+        of the differentiated parameters in no layer (``theta`` order).
     """
     offsets = dict(zip(names, np.cumsum([0, *sizes[:-1]]).tolist(), strict=True))
     named = dict(module.named_parameters())
@@ -79,6 +89,8 @@ def find_layers(
     }
     layers: list[Layer] = []
     modules: list[torch.nn.Module] = []
+    in_layers: set[str] = set()
+    weight_names: list[str] = []
     for path, sub in module.named_modules():
         if not _supported(sub) or id(sub) in inside_attention:
             continue
@@ -100,7 +112,10 @@ def find_layers(
         kind = "linear" if isinstance(sub, torch.nn.Linear) else "conv"
         layers.append(Layer(path, kind, weight_index, bias_index))
         modules.append(sub)
-    return layers, modules
+        in_layers.update({by_id[id(weight)], bias_name} - {None})
+        weight_names.append(by_id[id(weight)])
+    rest_names = [name for name in names if name not in in_layers]
+    return LayerStructure(layers, modules, rest_names, weight_names)
 
 
 def _supported(sub: torch.nn.Module) -> bool:
@@ -202,8 +217,7 @@ def _recording(
 
 def layer_batch(
     wrapped: Any,
-    layers: list[Layer],
-    modules: list[torch.nn.Module],
+    structure: LayerStructure,
     x: Any,
     y: Any,
     fisher: str,
@@ -218,6 +232,10 @@ def layer_batch(
     are independent in evaluation mode. The rest parameters' per-sample
     gradients take one more forward and reverse pass, mapped over the samples
     (skipped when there is no rest).
+
+    A layer not called in the forward has zero gradients (one position of zero
+    inputs and output gradients), after a check that the outputs do not depend
+    on its weight some other way (an InputError if they do).
     """
     if fisher not in FISHER_TYPES:
         raise InputError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
@@ -226,24 +244,23 @@ def layer_batch(
             'fisher="mc" needs noise: a function noise(B, C) -> [B, S, C] of '
             "standard normal draws."
         )
+    layers, modules = structure.layers, structure.modules
     x = wrapped._inputs(x)
     count = int(x.shape[0])
     params = {**wrapped._constants, **wrapped._unflatten(wrapped._theta)}
-    module = wrapped.model
+    # leaves, to tell an uncalled layer from one whose weight is read directly
+    weights = [
+        params[name].detach().requires_grad_() for name in structure.weight_names
+    ]
+    params.update(zip(structure.weight_names, weights, strict=True))
     with torch.enable_grad(), _recording(modules, count) as records:
-        outputs = functional_call(module, params, (x,))
+        outputs = functional_call(wrapped.model, params, (x,))
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(
             "layer_batch needs a model that returns one tensor, got "
             f"{type(outputs).__name__}."
         )
-    for layer, calls in zip(layers, records, strict=True):
-        if not calls:
-            raise InputError(
-                f"layer {layer.name!r} was not called in the forward pass, but its "
-                "parameters are differentiated: its parameters are used some other "
-                "way. Use a flat method for this model."
-            )
+    _check_uncalled(layers, records, weights, outputs)
     out_shape = tuple(outputs.shape[1:])
     probes, losses = _probes(wrapped, outputs.detach(), y, out_shape, fisher, noise)
     probes = probes.to(outputs.dtype)  # [B, S, C]
@@ -263,15 +280,50 @@ def layer_batch(
         if num_probes == 1:
             grads = tuple(g.unsqueeze(0) for g in grads)
     inputs, output_grads, position = [], [], 0
-    for sub, calls in zip(modules, records, strict=True):
+    for layer, sub, calls in zip(layers, modules, records, strict=True):
+        if not calls:  # zero gradients
+            inputs.append(probes.new_zeros((count, 1, layer.d_in)))
+            output_grads.append(probes.new_zeros((count, num_probes, 1, layer.d_out)))
+            continue
         used = grads[position : position + len(calls)]
         position += len(calls)
-        inputs.append(torch.cat([a for a, _ in calls], dim=1).detach())
-        g = torch.cat([_flat_outputs(g, sub) for g in used], dim=-2)  # [S, B, T, o]
-        output_grads.append(g.transpose(0, 1).detach())
-    del outputs, records, taps
-    rest = _rest_grads(wrapped, layers, x, probes)
+        inputs.append(_joined([a for a, _ in calls], dim=1))
+        g = _joined([_flat_outputs(g, sub) for g in used], dim=-2)  # [S, B, T, o]
+        output_grads.append(g.transpose(0, 1))
+    del outputs, records, taps, weights
+    rest = _rest_grads(wrapped, structure.rest_names, x, probes)
     return LayerBatch(tuple(inputs), tuple(output_grads), rest, losses.detach())
+
+
+def _check_uncalled(
+    layers: list[Layer],
+    records: list[list[Any]],
+    weights: list[torch.Tensor],
+    outputs: torch.Tensor,
+) -> None:
+    """Raise if a layer not called in the forward still shapes the outputs."""
+    uncalled = [i for i, calls in enumerate(records) if not calls]
+    if not uncalled or not outputs.requires_grad:
+        return
+    reached = torch.autograd.grad(
+        outputs.sum(),
+        [weights[i] for i in uncalled],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    for index, grad in zip(uncalled, reached, strict=True):
+        if grad is not None:
+            raise InputError(
+                f"layer {layers[index].name!r} was not called in the forward pass, "
+                "but the outputs depend on its weight: the model reads it directly "
+                "(as nn.MultiheadAttention does), which the layer structure cannot "
+                "see. Use a flat method for this model."
+            )
+
+
+def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The calls of one layer along ``T`` (no copy for a single call)."""
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)).detach()
 
 
 def _sample_loss(
@@ -338,19 +390,10 @@ def output_hessian_root(
 
 
 def _rest_grads(
-    wrapped: Any, layers: list[Layer], x: Any, probes: torch.Tensor
+    wrapped: Any, rest_names: list[str], x: Any, probes: torch.Tensor
 ) -> torch.Tensor:
     """``[B, S, P_rest]``: the probes pulled back to the rest parameters, per point."""
     count, num_probes = int(probes.shape[0]), int(probes.shape[1])
-    covered: set[int] = set()
-    for layer in layers:
-        covered.update(layer.index().ravel().tolist())
-    starts = np.cumsum([0, *wrapped._sizes[:-1]])
-    rest_names = [
-        name
-        for name, start in zip(wrapped._names, starts, strict=True)
-        if int(start) not in covered
-    ]
     if not rest_names:
         return probes.new_zeros((count, num_probes, 0))
     params = {**wrapped._constants, **wrapped._unflatten(wrapped._theta)}

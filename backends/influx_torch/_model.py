@@ -128,7 +128,7 @@ class TorchTwiceDifferentiable:
         self._cast_integer_inputs = not any(
             isinstance(m, embeddings) for m in model.modules()
         )
-        self._layer_structure: tuple[list[Layer], list[torch.nn.Module]] | None = None
+        self._layer_structure: Any = None  # _layers.LayerStructure, found on first use
 
     @property
     def backend(self) -> Any:
@@ -283,9 +283,9 @@ class TorchTwiceDifferentiable:
         See :mod:`influx_torch._layers` for which modules are layers and which
         parameters are the rest. Found once, on first use.
         """
-        return list(self._layer_modules()[0])
+        return list(self._layer_modules().layers)
 
-    def _layer_modules(self) -> tuple[list[Layer], list[torch.nn.Module]]:
+    def _layer_modules(self) -> Any:
         if self._layer_structure is None:
             from influx_torch._layers import find_layers
 
@@ -310,9 +310,9 @@ class TorchTwiceDifferentiable:
         """
         from influx_torch._layers import layer_batch
 
-        layers, modules = self._layer_modules()
+        structure = self._layer_modules()
         with self._eval_mode():
-            return layer_batch(self, layers, modules, x, y, fisher, noise)
+            return layer_batch(self, structure, x, y, fisher, noise)
 
     # -- state ---------------------------------------------------------------
 
