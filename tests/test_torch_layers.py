@@ -426,3 +426,45 @@ def test_ggn_probes_equal_dense_ggn(name: str) -> None:
     products = to_numpy(model.ggnvp(x, y, torch.as_tensor(vectors)))
     expected = vectors @ dense
     assert np.abs(products - expected).max() <= 1e-10 * np.abs(expected).max()
+
+
+class _Square(torch.autograd.Function):
+    """``x^2`` with a backward and a vmap rule but no forward-mode (jvp) rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Any) -> Any:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _NoForwardMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Any) -> Any:
+        return self.b(_Square.apply(self.a(x)))
+
+
+def test_ggnvp_without_forward_mode_rule() -> None:
+    """``J v`` falls back to reverse over reverse; the result is the same."""
+    model = influx.twice_differentiable(_NoForwardMode().double(), nn.MSELoss())
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(B, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(B, 2, generator=gen, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):  # the path the fallback replaces
+        torch.func.jvp(_Square.apply, (x,), (x,))
+    vectors = np.random.default_rng(1).standard_normal((2, model.num_params))
+    products = to_numpy(model.ggnvp(x, y, torch.as_tensor(vectors)))
+    expected = vectors @ _dense_ggn(model, x, y)
+    assert np.abs(products - expected).max() <= 1e-10 * np.abs(expected).max()
