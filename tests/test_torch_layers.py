@@ -468,3 +468,43 @@ def test_ggnvp_without_forward_mode_rule() -> None:
     products = to_numpy(model.ggnvp(x, y, torch.as_tensor(vectors)))
     expected = vectors @ _dense_ggn(model, x, y)
     assert np.abs(products - expected).max() <= 1e-10 * np.abs(expected).max()
+
+
+def test_probes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probes back-propagated a few at a time give the same output gradients."""
+    import influx_torch._layers as torch_layers
+
+    module, x, y, loss = _data("cnn")
+    model = influx.twice_differentiable(module, loss)
+    whole = model.layer_batch(x, y, fisher="ggn")  # S = 3 in one pass
+    monkeypatch.setattr(torch_layers, "PROBE_CHUNK", 2)
+    chunked = model.layer_batch(x, y, fisher="ggn")
+    for a, b in zip(whole.output_grads, chunked.output_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_under_no_grad_and_threads() -> None:
+    """No-grad mode of the caller and concurrent calls change nothing."""
+    import threading
+
+    module, x, y, loss = _data("normed")
+    model = influx.twice_differentiable(module, loss)
+    reference = model.layer_batch(x, y, fisher="ggn")
+    with torch.no_grad():
+        quiet = model.layer_batch(x, y, fisher="ggn")
+    results: list[Any] = []
+
+    def work() -> None:
+        results.append(model.layer_batch(x, y, fisher="ggn"))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3
+    for batch in [quiet, *results]:
+        for a, b in zip(batch.output_grads, reference.output_grads, strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(batch.rest_grads, reference.rest_grads)
+    assert not any(m._forward_hooks for m in module.modules())

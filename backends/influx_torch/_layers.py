@@ -44,6 +44,11 @@ from influx.layers import FISHER_TYPES, MAX_OUTPUT_HESSIAN, Layer, LayerBatch, N
 __all__ = ["LayerStructure", "find_layers", "layer_batch"]
 
 _LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+#: Dimensions of a batched input: at least 2 for Linear, exactly 3 or 4 for convs.
+_INPUT_DIMS = {torch.nn.Conv1d: 3, torch.nn.Conv2d: 4}
+#: Probes back-propagated together (one batched reverse pass per chunk), which
+#: bounds the memory of ``fisher="ggn"`` on many outputs.
+PROBE_CHUNK = 32
 
 
 class LayerStructure(NamedTuple):
@@ -174,7 +179,7 @@ def _flat_outputs(grads: torch.Tensor, sub: torch.nn.Module) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _recording(
-    modules: list[torch.nn.Module], batch: int
+    modules: list[torch.nn.Module], names: list[str], batch: int
 ) -> Iterator[list[list[tuple[torch.Tensor, torch.Tensor]]]]:
     """Hooks on ``modules`` for the duration: per module, (inputs, tap) per call.
 
@@ -192,9 +197,14 @@ def _recording(
             _: torch.nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any
         ) -> torch.Tensor:
             inputs = args[0] if args else next(iter(kwargs.values()))
-            if not isinstance(output, torch.Tensor) or inputs.shape[:1] != (batch,):
+            ndim = _INPUT_DIMS.get(type(sub), 2)
+            if (
+                inputs.shape[:1] != (batch,)
+                or inputs.ndim < ndim
+                or (ndim > 2 and inputs.ndim != ndim)
+            ):
                 raise InputError(
-                    f"layer {sub.__class__.__name__} got inputs of shape "
+                    f"layer {names[index]!r} got inputs of shape "
                     f"{tuple(inputs.shape)}, not a batch of {batch} points: influx "
                     "recognises a layer only when it runs on the whole batch. "
                     "Use a flat method for this model."
@@ -253,7 +263,10 @@ def layer_batch(
         params[name].detach().requires_grad_() for name in structure.weight_names
     ]
     params.update(zip(structure.weight_names, weights, strict=True))
-    with torch.enable_grad(), _recording(modules, count) as records:
+    with (
+        torch.enable_grad(),
+        _recording(modules, [layer.name for layer in layers], count) as records,
+    ):
         outputs = functional_call(wrapped.model, params, (x,))
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(
@@ -267,18 +280,7 @@ def layer_batch(
     num_probes = int(probes.shape[1])
     taps = [tap for calls in records for _, tap in calls]
     cotangents = probes.transpose(0, 1).reshape(num_probes, count, *out_shape)
-    grads: tuple[Any, ...] = ()
-    if taps:
-        grads = torch.autograd.grad(
-            outputs,
-            taps,
-            grad_outputs=cotangents if num_probes > 1 else cotangents[0],
-            allow_unused=True,
-            materialize_grads=True,
-            is_grads_batched=num_probes > 1,
-        )
-        if num_probes == 1:
-            grads = tuple(g.unsqueeze(0) for g in grads)
+    grads = _pull_back(outputs, taps, cotangents) if taps else []
     inputs, output_grads, position = [], [], 0
     for layer, sub, calls in zip(layers, modules, records, strict=True):
         if not calls:  # zero gradients
@@ -293,6 +295,33 @@ def layer_batch(
     del outputs, records, taps, weights
     rest = _rest_grads(wrapped, structure.rest_names, x, probes)
     return LayerBatch(tuple(inputs), tuple(output_grads), rest, losses.detach())
+
+
+def _pull_back(
+    outputs: torch.Tensor, taps: list[torch.Tensor], cotangents: torch.Tensor
+) -> list[torch.Tensor]:
+    """The cotangents ``[S, *outputs.shape]`` pulled back to each tap.
+
+    ``[S, *tap.shape]`` per tap, :data:`PROBE_CHUNK` probes per batched reverse
+    pass.
+    """
+    num_probes = int(cotangents.shape[0])
+    chunks: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, num_probes, PROBE_CHUNK):
+        chunk = cotangents[start : start + PROBE_CHUNK]
+        grads = torch.autograd.grad(
+            outputs,
+            taps,
+            grad_outputs=chunk if len(chunk) > 1 else chunk[0],
+            retain_graph=start + PROBE_CHUNK < num_probes,
+            allow_unused=True,
+            materialize_grads=True,
+            is_grads_batched=len(chunk) > 1,
+        )
+        chunks.append(grads if len(chunk) > 1 else tuple(g[None] for g in grads))
+    if len(chunks) == 1:
+        return list(chunks[0])
+    return [torch.cat(pieces) for pieces in zip(*chunks, strict=True)]
 
 
 def _check_uncalled(
