@@ -508,3 +508,20 @@ def test_under_no_grad_and_threads() -> None:
             assert torch.equal(a, b)
         assert torch.equal(batch.rest_grads, reference.rest_grads)
     assert not any(m._forward_hooks for m in module.modules())
+
+
+class _FirstPointOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Any) -> Any:
+        return x[:, :2] + self.fc(x[0])  # the layer sees one point, not the batch
+
+
+def test_layer_off_the_batch_is_an_error() -> None:
+    model = influx.twice_differentiable(_FirstPointOnly().double(), nn.MSELoss())
+    x = torch.randn(B, 3, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"layer 'fc' got inputs of shape \(3,\)"):
+        model.layer_batch(x, x[:, :2])
+    assert not model.model.fc._forward_hooks

@@ -19,9 +19,12 @@ custom modules' parameters.
 
 A layer module called several times in one forward (a reused block) contributes
 every call: the calls' positions are concatenated along ``T``, so ``sum_t g a^T``
-is still the gradient of its weight. A layer's weight also read outside its own
-``forward`` (``F.linear(x, self.fc.weight)`` in a parent) is not detected: that
-use is missing from its gradients.
+is still the gradient of its weight. A layer not called in a batch's forward has
+zero gradients there (``T = 1``, zero inputs and output gradients), unless the
+outputs depend on its weight anyway (read directly, ``F.linear(x,
+self.fc.weight)`` in a parent): that is an InputError. A layer that is called
+*and* whose weight is also read directly elsewhere is not detected: that use is
+missing from its gradients.
 
 Layers are listed in module registration order (``named_modules``), which is the
 forward order of the usual ``nn.Sequential`` and ``__init__``-ordered models.
@@ -44,8 +47,6 @@ from influx.layers import FISHER_TYPES, MAX_OUTPUT_HESSIAN, Layer, LayerBatch, N
 __all__ = ["LayerStructure", "find_layers", "layer_batch"]
 
 _LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
-#: Dimensions of a batched input: at least 2 for Linear, exactly 3 or 4 for convs.
-_INPUT_DIMS = {torch.nn.Conv1d: 3, torch.nn.Conv2d: 4}
 #: Probes back-propagated together (one batched reverse pass per chunk), which
 #: bounds the memory of ``fisher="ggn"`` on many outputs.
 PROBE_CHUNK = 32
@@ -166,6 +167,15 @@ def _patches(sub: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return columns.transpose(1, 2)
 
 
+def _batched(sub: torch.nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether ``inputs`` is batched (``[B, *, d_in]``, ``[B, C, L]``, 4-d)."""
+    if isinstance(sub, torch.nn.Conv1d):
+        return inputs.ndim == 3
+    if isinstance(sub, torch.nn.Conv2d):
+        return inputs.ndim == 4
+    return inputs.ndim >= 2
+
+
 def _flat_outputs(grads: torch.Tensor, sub: torch.nn.Module) -> torch.Tensor:
     """``[S, B, T, d_out]`` from output gradients ``[S, B, *]`` of one layer call.
 
@@ -197,12 +207,7 @@ def _recording(
             _: torch.nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any
         ) -> torch.Tensor:
             inputs = args[0] if args else next(iter(kwargs.values()))
-            ndim = _INPUT_DIMS.get(type(sub), 2)
-            if (
-                inputs.shape[:1] != (batch,)
-                or inputs.ndim < ndim
-                or (ndim > 2 and inputs.ndim != ndim)
-            ):
+            if inputs.shape[:1] != (batch,) or not _batched(sub, inputs):
                 raise InputError(
                     f"layer {names[index]!r} got inputs of shape "
                     f"{tuple(inputs.shape)}, not a batch of {batch} points: influx "
