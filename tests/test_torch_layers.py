@@ -525,3 +525,43 @@ def test_layer_off_the_batch_is_an_error() -> None:
     with pytest.raises(InputError, match=r"layer 'fc' got inputs of shape \(3,\)"):
         model.layer_batch(x, x[:, :2])
     assert not model.model.fc._forward_hooks
+
+
+@pytest.mark.parametrize(
+    ("name", "generic"),
+    [
+        ("normed", []),  # BatchNorm, LayerNorm, grouped conv: point by point
+        ("conv1d", []),  # a circular-padding conv
+        ("frozen", []),  # a Linear whose weight is frozen: its bias is rest
+        ("tied", ["emb.weight"]),  # shared by two modules
+        ("attention", ["attn.in_proj_weight", "attn.in_proj_bias"]),
+    ],
+)
+def test_rest_pass(
+    name: str, generic: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rest modules run point by point in the batched pass; only the parameters
+    that cannot take the second pass, and the gradients are the same either way."""
+    import influx_torch._layers as torch_layers
+
+    module, x, y, loss = _data(name)
+    model = influx.twice_differentiable(module, loss)
+    seen: list[list[str]] = []
+    original = torch_layers.generic_rest_grads
+
+    def spy(wrapped: Any, names: list[str], *args: Any) -> Any:
+        seen.append(list(names))
+        return original(wrapped, names, *args)
+
+    monkeypatch.setattr(torch_layers, "generic_rest_grads", spy)
+    batch = model.layer_batch(x, y, fisher="ggn")
+    expected = [n for n in generic if not n.startswith("attn.out_proj")]
+    assert (seen[0][: len(expected)] if seen else []) == expected
+    # every rest parameter through the second pass gives the same gradients
+    structure = model._layer_modules()
+    everything = structure._replace(rest_modules=[], generic_rest=structure.rest_names)
+    model._layer_structure = everything
+    reference = model.layer_batch(x, y, fisher="ggn")
+    torch.testing.assert_close(
+        batch.rest_grads, reference.rest_grads, rtol=0, atol=1e-12
+    )

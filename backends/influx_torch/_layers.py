@@ -38,11 +38,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad_and_value, jacrev, vjp, vmap
+from torch.func import functional_call, grad_and_value, jacrev, vmap
 
 from influx._checks import scalar_loss
 from influx.errors import InputError
 from influx.layers import FISHER_TYPES, MAX_OUTPUT_HESSIAN, Layer, LayerBatch, Noise
+from influx_torch._rest import (
+    RestModule,
+    generic_rest_grads,
+    per_sample_calls,
+)
 
 __all__ = ["LayerStructure", "find_layers", "layer_batch"]
 
@@ -59,6 +64,8 @@ class LayerStructure(NamedTuple):
     modules: list[torch.nn.Module]
     rest_names: list[str]
     weight_names: list[str]
+    rest_modules: list[RestModule]
+    generic_rest: list[str]
 
 
 def find_layers(
@@ -121,7 +128,26 @@ def find_layers(
         in_layers.update({by_id[id(weight)], bias_name} - {None})
         weight_names.append(by_id[id(weight)])
     rest_names = [name for name in names if name not in in_layers]
-    return LayerStructure(layers, modules, rest_names, weight_names)
+    rest_modules: list[RestModule] = []
+    per_module: set[str] = set()
+    for sub in module.modules():
+        if next(sub.children(), None) is not None:
+            continue
+        params = [
+            (attr, by_id[id(p)])
+            for attr, p in sub._parameters.items()
+            if p is not None
+            and id(p) in by_id
+            and owners[id(p)] == 1
+            and by_id[id(p)] not in in_layers
+        ]
+        if params:
+            rest_modules.append(RestModule(sub, params))
+            per_module.update(name for _, name in params)
+    generic = [name for name in rest_names if name not in per_module]
+    return LayerStructure(
+        layers, modules, rest_names, weight_names, rest_modules, generic
+    )
 
 
 def _supported(sub: torch.nn.Module) -> bool:
@@ -240,17 +266,19 @@ def layer_batch(
 ) -> LayerBatch:
     """:meth:`TorchTwiceDifferentiable.layer_batch` (the caller holds eval mode).
 
-    One batched forward records every layer's inputs and taps its outputs; the
-    probes ``u [B, S, C]`` come from the per-sample loss in the outputs; one
-    reverse pass (batched over the ``S`` probes) from the outputs to the taps
-    gives every sample's output gradients at once, since the samples of a batch
-    are independent in evaluation mode. The rest parameters' per-sample
-    gradients take one more forward and reverse pass, mapped over the samples
-    (skipped when there is no rest).
+    One batched forward records every layer's inputs and taps its outputs, and
+    re-runs the rest modules point by point on per-sample parameter copies
+    (:mod:`influx_torch._rest`); the probes ``u [B, S, C]`` come from the
+    per-sample loss in the outputs; one reverse pass (batched over the ``S``
+    probes) from the outputs to the taps and copies gives every sample's output
+    gradients and rest gradients at once, since the samples of a batch are
+    independent in evaluation mode. Rest parameters that the hooks cannot
+    handle take one more pass, mapped over the samples.
 
     A layer not called in the forward has zero gradients (one position of zero
     inputs and output gradients), after a check that the outputs do not depend
-    on its weight some other way (an InputError if they do).
+    on its weight some other way (an InputError if they do); the same check
+    gives an uncalled rest module zero gradients or sends it to the second pass.
     """
     if fisher not in FISHER_TYPES:
         raise InputError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
@@ -263,14 +291,16 @@ def layer_batch(
     x = wrapped._inputs(x)
     count = int(x.shape[0])
     params = {**wrapped._constants, **wrapped._unflatten(wrapped._theta)}
-    # leaves, to tell an uncalled layer from one whose weight is read directly
-    weights = [
-        params[name].detach().requires_grad_() for name in structure.weight_names
+    # leaves, to tell an uncalled module from one whose weights are read directly
+    watched = structure.weight_names + [
+        name for rest in structure.rest_modules for _, name in rest.params
     ]
-    params.update(zip(structure.weight_names, weights, strict=True))
+    leaves = {name: params[name].detach().requires_grad_() for name in watched}
+    params.update(leaves)
     with (
         torch.enable_grad(),
         _recording(modules, [layer.name for layer in layers], count) as records,
+        per_sample_calls(structure.rest_modules, count) as rest_record,
     ):
         outputs = functional_call(wrapped.model, params, (x,))
     if not isinstance(outputs, torch.Tensor):
@@ -278,14 +308,23 @@ def layer_batch(
             "layer_batch needs a model that returns one tensor, got "
             f"{type(outputs).__name__}."
         )
-    _check_uncalled(layers, records, weights, outputs)
+    generic = _check_uncalled(structure, records, rest_record, leaves, outputs)
+    del leaves
     out_shape = tuple(outputs.shape[1:])
     probes, losses = _probes(wrapped, outputs.detach(), y, out_shape, fisher, noise)
     probes = probes.to(outputs.dtype)  # [B, S, C]
     num_probes = int(probes.shape[1])
     taps = [tap for calls in records for _, tap in calls]
+    copies = [
+        (name, copy)
+        for calls, handled in zip(rest_record.calls, rest_record.handled, strict=True)
+        if handled
+        for call in calls
+        for name, copy in call.items()
+    ]
     cotangents = probes.transpose(0, 1).reshape(num_probes, count, *out_shape)
-    grads = _pull_back(outputs, taps, cotangents) if taps else []
+    targets = taps + [copy for _, copy in copies]
+    grads = _pull_back(outputs, targets, cotangents) if targets else []
     inputs, output_grads, position = [], [], 0
     for layer, sub, calls in zip(layers, modules, records, strict=True):
         if not calls:  # zero gradients
@@ -297,18 +336,31 @@ def layer_batch(
         inputs.append(_joined([a for a, _ in calls], dim=1))
         g = _joined([_flat_outputs(g, sub) for g in used], dim=-2)  # [S, B, T, o]
         output_grads.append(g.transpose(0, 1))
-    del outputs, records, taps, weights
-    rest = _rest_grads(wrapped, structure.rest_names, x, probes)
-    return LayerBatch(tuple(inputs), tuple(output_grads), rest, losses.detach())
+    pieces: dict[str, torch.Tensor] = {}
+    for (name, _), g in zip(copies, grads[position:], strict=True):
+        g = g.reshape(num_probes, count, -1).transpose(0, 1).detach()
+        pieces[name] = pieces[name] + g if name in pieces else g
+    del outputs, records, taps, copies, grads
+    if generic:
+        pieces.update(generic_rest_grads(wrapped, generic, x, probes))
+    sizes = dict(zip(wrapped._names, wrapped._sizes, strict=True))
+    rest = [
+        pieces.get(name, probes.new_zeros((count, num_probes, sizes[name])))
+        for name in structure.rest_names
+    ]  # absent: a rest module not called and not reached
+    rest_grads = (
+        torch.cat(rest, dim=2) if rest else probes.new_zeros((count, num_probes, 0))
+    )
+    return LayerBatch(tuple(inputs), tuple(output_grads), rest_grads, losses.detach())
 
 
 def _pull_back(
-    outputs: torch.Tensor, taps: list[torch.Tensor], cotangents: torch.Tensor
+    outputs: torch.Tensor, targets: list[torch.Tensor], cotangents: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The cotangents ``[S, *outputs.shape]`` pulled back to each tap.
+    """The cotangents ``[S, *outputs.shape]`` pulled back to each target.
 
-    ``[S, *tap.shape]`` per tap, :data:`PROBE_CHUNK` probes per batched reverse
-    pass.
+    ``[S, *target.shape]`` per target (tap or parameter copy),
+    :data:`PROBE_CHUNK` probes per batched reverse pass.
     """
     num_probes = int(cotangents.shape[0])
     chunks: list[tuple[torch.Tensor, ...]] = []
@@ -316,7 +368,7 @@ def _pull_back(
         chunk = cotangents[start : start + PROBE_CHUNK]
         grads = torch.autograd.grad(
             outputs,
-            taps,
+            targets,
             grad_outputs=chunk if len(chunk) > 1 else chunk[0],
             retain_graph=start + PROBE_CHUNK < num_probes,
             allow_unused=True,
@@ -330,29 +382,53 @@ def _pull_back(
 
 
 def _check_uncalled(
-    layers: list[Layer],
+    structure: LayerStructure,
     records: list[list[Any]],
-    weights: list[torch.Tensor],
+    rest_record: Any,
+    leaves: dict[str, torch.Tensor],
     outputs: torch.Tensor,
-) -> None:
-    """Raise if a layer not called in the forward still shapes the outputs."""
-    uncalled = [i for i, calls in enumerate(records) if not calls]
-    if not uncalled or not outputs.requires_grad:
-        return
-    reached = torch.autograd.grad(
-        outputs.sum(),
-        [weights[i] for i in uncalled],
-        retain_graph=True,
-        allow_unused=True,
-    )
-    for index, grad in zip(uncalled, reached, strict=True):
-        if grad is not None:
+) -> list[str]:
+    """Check the modules not called (or not handled) in the forward.
+
+    Raises if the outputs depend on an uncalled layer's weight. Returns the
+    rest parameters for :func:`generic_rest_grads`: the generic ones, those of
+    rest modules with a call not re-run point by point, and those of uncalled
+    rest modules that the outputs depend on anyway.
+    """
+    generic = set(structure.generic_rest)
+    watch: list[tuple[str, str, torch.Tensor]] = []  # (kind, name, leaf)
+    for layer, name, calls in zip(
+        structure.layers, structure.weight_names, records, strict=True
+    ):
+        if not calls:
+            watch.append(("layer", layer.name, leaves[name]))
+    for rest, calls, handled in zip(
+        structure.rest_modules, rest_record.calls, rest_record.handled, strict=True
+    ):
+        if not handled:
+            generic.update(name for _, name in rest.params)
+        elif not calls:
+            watch += [("rest", name, leaves[name]) for _, name in rest.params]
+    if watch and outputs.requires_grad:
+        reached = torch.autograd.grad(
+            outputs.sum(),
+            [leaf for *_, leaf in watch],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for (kind, name, _), grad in zip(watch, reached, strict=True):
+            if grad is None:
+                continue
+            if kind == "rest":
+                generic.add(name)
+                continue
             raise InputError(
-                f"layer {layers[index].name!r} was not called in the forward pass, "
+                f"layer {name!r} was not called in the forward pass, "
                 "but the outputs depend on its weight: the model reads it directly "
                 "(as nn.MultiheadAttention does), which the layer structure cannot "
                 "see. Use a flat method for this model."
             )
+    return [name for name in structure.rest_names if name in generic]
 
 
 def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -415,33 +491,16 @@ def output_hessian_root(
     """``R_n = Q diag(sqrt(max(l, 0))) Q^T`` of each output Hessian, ``[B, C, C]``.
 
     ``H_n`` is the Hessian of ``loss(f_n, y_n)`` in the flattened outputs ``f_n``
-    (reverse over reverse, which every torch loss supports).
+    (reverse over reverse, which every torch loss supports). Eigenvalues below
+    ``C * eps * max |l|`` are round-off and count as 0: the square root is not
+    Lipschitz at 0, and cross-entropy's Hessian is singular (its rows sum to
+    0), so an eigenvalue computed as 1e-17 instead of 0 would put 3e-9 into
+    ``R_n`` and make the probes depend on round-off.
     """
     hessians = vmap(jacrev(jacrev(loss)))(flat, y)
     hessians = (hessians + hessians.transpose(1, 2)) / 2
     values, vectors = torch.linalg.eigh(hessians)
-    return (vectors * values.clamp(min=0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
-
-
-def _rest_grads(
-    wrapped: Any, rest_names: list[str], x: Any, probes: torch.Tensor
-) -> torch.Tensor:
-    """``[B, S, P_rest]``: the probes pulled back to the rest parameters, per point."""
-    count, num_probes = int(probes.shape[0]), int(probes.shape[1])
-    if not rest_names:
-        return probes.new_zeros((count, num_probes, 0))
-    params = {**wrapped._constants, **wrapped._unflatten(wrapped._theta)}
-    rest = {name: params.pop(name) for name in rest_names}
-
-    def sample_outputs(values: dict[str, torch.Tensor], xn: Any) -> torch.Tensor:
-        out = functional_call(wrapped.model, {**params, **values}, (xn.unsqueeze(0),))
-        return out.reshape(-1)
-
-    def one_point(xn: Any, un: torch.Tensor) -> torch.Tensor:
-        _, pullback = vjp(lambda values: sample_outputs(values, xn), rest)
-        pulled = vmap(pullback)(un)[0]  # name -> [S, *shape]
-        return torch.cat(
-            [pulled[name].reshape(num_probes, -1) for name in rest_names], 1
-        )
-
-    return vmap(one_point)(x, probes).detach()
+    size = int(values.shape[-1])
+    floor = size * torch.finfo(values.dtype).eps * values.abs().amax(-1, keepdim=True)
+    roots = torch.where(values > floor, values, 0).sqrt()
+    return (vectors * roots.unsqueeze(1)) @ vectors.transpose(1, 2)
