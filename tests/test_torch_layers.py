@@ -565,3 +565,21 @@ def test_rest_pass(
     torch.testing.assert_close(
         batch.rest_grads, reference.rest_grads, rtol=0, atol=1e-12
     )
+
+
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Any) -> Any:
+        return self.fc(x).detach() * 2 + 0 * self.scale.detach()
+
+
+def test_outputs_that_depend_on_no_layer() -> None:
+    model = influx.twice_differentiable(_Detached().double(), nn.MSELoss())
+    x = torch.randn(B, 3, dtype=torch.float64)
+    batch = model.layer_batch(x, torch.zeros(B, 2, dtype=torch.float64))
+    assert not batch.output_grads[0].any() and not batch.rest_grads.any()
+    assert batch.rest_grads.shape == (B, 1, 2)

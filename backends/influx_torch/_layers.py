@@ -363,6 +363,8 @@ def _pull_back(
     :data:`PROBE_CHUNK` probes per batched reverse pass.
     """
     num_probes = int(cotangents.shape[0])
+    if not outputs.requires_grad:  # the outputs depend on none of them
+        return [t.new_zeros((num_probes, *t.shape)) for t in targets]
     chunks: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, num_probes, PROBE_CHUNK):
         chunk = cotangents[start : start + PROBE_CHUNK]
