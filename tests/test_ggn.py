@@ -194,18 +194,18 @@ def test_mc_probes(backend_name: str, loss: str) -> None:
 def test_mc_probes_average_to_ggn(backend_name: str) -> None:
     """Many standard normal draws: the sample covariance of the probes is ``H_n``.
 
-    With ``S`` draws each entry of the estimate has a relative standard
-    deviation of about ``sqrt(2 / S)`` (0.02 for ``S = 4000``); the fixed seed
-    makes the check deterministic and 0.1 leaves five standard deviations.
+    With ``S`` draws the estimate's relative Frobenius error is about
+    ``sqrt(2 / S)`` (0.045 for ``S = 1000``; measured 0.035-0.057 over five
+    seeds); the seed is fixed, and 0.15 leaves over three times that.
     """
     model = _layered(backend_name, "cross_entropy")
     x, y = _data("cross_entropy")
     xb, yb = to_backend(backend_name, x), to_backend(backend_name, y)
-    draws = 4000
+    draws = 1000
     rng = np.random.default_rng(7)
     batch = model.layer_batch(
         xb, yb, fisher="mc", noise=lambda b, c: rng.standard_normal((b, draws, c))
     )
     estimate = _probe_ggn(model, batch) / draws
     ggn = _dense_ggn(model, xb, y, "cross_entropy")
-    assert np.linalg.norm(estimate - ggn) <= 0.1 * np.linalg.norm(ggn)
+    assert np.linalg.norm(estimate - ggn) <= 0.15 * np.linalg.norm(ggn)
