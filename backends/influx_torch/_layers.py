@@ -500,9 +500,12 @@ def output_hessian_root(
     ``R_n`` and make the probes depend on round-off.
     """
     hessians = vmap(jacrev(jacrev(loss)))(flat, y)
+    dtype = hessians.dtype
+    if torch.finfo(dtype).bits < 32:  # eigh needs float32 at least
+        hessians = hessians.float()
     hessians = (hessians + hessians.transpose(1, 2)) / 2
     values, vectors = torch.linalg.eigh(hessians)
     size = int(values.shape[-1])
     floor = size * torch.finfo(values.dtype).eps * values.abs().amax(-1, keepdim=True)
     roots = torch.where(values > floor, values, 0).sqrt()
-    return (vectors * roots.unsqueeze(1)) @ vectors.transpose(1, 2)
+    return ((vectors * roots.unsqueeze(1)) @ vectors.transpose(1, 2)).to(dtype)
