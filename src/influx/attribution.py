@@ -47,6 +47,8 @@ from influx.solvers import (
     ArnoldiSolver,
     CgSolver,
     DirectSolver,
+    EkfacSolver,
+    KfacSolver,
     LissaSolver,
     SolveInfo,
     Solver,
@@ -55,6 +57,7 @@ from influx.solvers import (
 from influx.solvers import arnoldi as _arnoldi
 from influx.solvers import cg as _cg
 from influx.solvers import direct as _direct
+from influx.solvers import kfac as _kfac
 from influx.solvers import lissa as _lissa
 from influx.solvers.preconditioners import NystromPreconditioner
 
@@ -801,6 +804,8 @@ def _quadratic_form(solver: Solver, state: Any, grads: Any) -> Any | None:
         return _direct.quadratic_form(state, grads)
     if isinstance(solver, ArnoldiSolver) and isinstance(state, _arnoldi.ArnoldiState):
         return _arnoldi.quadratic_form(solver, state, grads)
+    if isinstance(state, _kfac.KfacState):
+        return _kfac.quadratic_form(state, grads)
     return None
 
 
@@ -809,6 +814,8 @@ _STATE_IO: list[tuple[type[Solver], Any, Any]] = [
     (CgSolver, _cg.export_state, _cg.import_state),
     (LissaSolver, _lissa.export_state, _lissa.import_state),
     (ArnoldiSolver, _arnoldi.export_state, _arnoldi.import_state),
+    (KfacSolver, _kfac.export_state, _kfac.import_state),
+    (EkfacSolver, _kfac.export_state, _kfac.import_state),
 ]
 
 
@@ -818,7 +825,7 @@ def _state_io(solver: Solver) -> tuple[Any, Any]:
             return exporter, importer
     raise TypeError(
         f"cannot save or load the state of {type(solver).__name__}: only the "
-        "built-in solvers (direct, cg, lissa, arnoldi) can be saved."
+        "built-in solvers (direct, cg, lissa, arnoldi, kfac, ekfac) can be saved."
     )
 
 
