@@ -55,10 +55,10 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
+from influx._host import host_view
 from influx._kronecker import check_batch, correction_sums, factor_sums
 from influx._loss_check import LossConventionCheck
 from influx._progress import progress_iter
-from influx._scoring import on_host
 from influx.data import DataReader
 from influx.errors import InputError
 from influx.layers import (
@@ -389,6 +389,12 @@ class EkfacSolver(KfacSolver):
 
     name = "ekfac"
     corrected: ClassVar[bool] = True
+
+
+def on_host(array: Any) -> Any:
+    """A numpy view of a host array (JAX on the CPU), else ``array`` itself."""
+    view = host_view(array)
+    return array if view is None else view
 
 
 def _draw(seed: int, index: int, samples: int, count: int, outputs: int) -> Any:
