@@ -212,7 +212,7 @@ class KfacSolver(Solver):
                 "and the training data: pass both (influx.Influence.fit and the "
                 "functional API do)."
             )
-        if not has_layers(model):
+        if not _offers_layers(model):
             backend = getattr(getattr(model, "backend", None), "name", "this")
             raise InputError(
                 f"method={self.name!r} needs the model's layer structure, and the "
@@ -220,22 +220,22 @@ class KfacSolver(Solver):
                 "'layers' and 'layer_batch'). Use a method that needs only "
                 "products: 'block', 'cg', 'arnoldi', 'lissa' or 'direct'."
             )
-        layers = tuple(model.layers)
-        layout = LayerLayout(layers, int(model.num_params))
         host = isinstance(operator.like, np.ndarray)
-        like = operator.like
-        dtype = accumulation_dtype(like)
+        dtype = accumulation_dtype(operator.like)
         reader = DataReader(
             training_data, "training_data", model.backend, model.parameters
         )
         seed = self.seed
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (1 << 63))
-        batches = functools.partial(self._batches, model, reader, layout, host, seed)
+        # The layout is read after the first batch: an adapter may find the
+        # layers by tracing the model on one (JAX).
+        layouts: list[LayerLayout] = []
+        batches = functools.partial(self._batches, model, reader, layouts, host, seed)
 
         a_sums, g_sums, rest_sum, count = None, None, None, 0
         for n, batch in batches("K-FAC factors", progress, check=True):
-            a_terms, g_terms, rest_term = factor_sums(batch, layers, dtype)
+            a_terms, g_terms, rest_term = factor_sums(batch, layouts[0].layers, dtype)
             if a_sums is None:
                 a_sums, g_sums, rest_sum = a_terms, g_terms, rest_term
             else:
@@ -244,6 +244,8 @@ class KfacSolver(Solver):
                 rest_sum = rest_sum + rest_term
             count += n
         assert a_sums is not None and g_sums is not None  # the reader raises if empty
+        layout = layouts[0]
+        layers = layout.layers
         a_values, a_vectors = _eigh_all([s / count for s in a_sums])
         g_values, g_vectors = _eigh_all([s / count for s in g_sums])
         rest_diagonal = rest_sum / count
@@ -287,14 +289,17 @@ class KfacSolver(Solver):
         self,
         model: Any,
         reader: DataReader,
-        layout: LayerLayout,
+        layouts: list[LayerLayout],
         host: bool,
         seed: int,
         desc: str,
         progress: bool,
         check: bool = False,
     ) -> Any:
-        """Yield ``(B, LayerBatch)`` per batch, checked (numpy in host mode)."""
+        """Yield ``(B, LayerBatch)`` per batch, checked (numpy in host mode).
+
+        ``layouts`` receives the model's layout after the first batch if empty.
+        """
         name = reader.name
         loss_check = LossConventionCheck(model, name) if check else None
         batches = progress_iter(reader, progress, desc, total=reader.num_batches)
@@ -316,6 +321,9 @@ class KfacSolver(Solver):
                     on_host(batch.rest_grads),
                     on_host(batch.losses),
                 )
+            if not layouts:
+                layouts.append(LayerLayout(tuple(model.layers), int(model.num_params)))
+            layout = layouts[0]
             where = f"{name} batch {index}"
             check_batch(batch, layout.layers, count, layout.rest.size, where)
             if check:
@@ -389,6 +397,19 @@ class EkfacSolver(KfacSolver):
 
     name = "ekfac"
     corrected: ClassVar[bool] = True
+
+
+def _offers_layers(model: Any) -> bool:
+    """:func:`~influx.layers.has_layers`, also before a JAX model saw a batch.
+
+    The protocol check reads ``model.layers``, which an adapter that finds the
+    layers by tracing may only answer after its first batch (it raises
+    :class:`InputError` until then); such a model has ``layer_batch``.
+    """
+    try:
+        return has_layers(model)
+    except InputError:
+        return callable(getattr(model, "layer_batch", None))
 
 
 def on_host(array: Any) -> Any:
