@@ -450,3 +450,33 @@ def test_linear_mse_ggn_equals_the_exact_hessian(method, tmp_path):
     loaded = influx.Influence.load(path, model)
     assert loaded.method == method and loaded.solver.fisher == "ggn"
     assert rel(loaded.influences(data, data), expected) < 1e-10
+
+
+def test_layers_found_on_the_first_batch():
+    """An adapter whose ``layers`` raise until it saw a batch (JAX traces one)."""
+    layers, num_params = layers_and_size()
+
+    class Lazy(StubModel):
+        seen = False
+
+        @property
+        def layers(self):
+            if not self.seen:
+                raise InputError("no batch seen yet")
+            return self._layers
+
+        @layers.setter
+        def layers(self, value):
+            self._layers = value
+
+        def layer_batch(self, x, y, **kwargs):
+            self.seen = True
+            return super().layer_batch(x, y, **kwargs)
+
+    lazy = Lazy(layers, [1, 3], num_params=num_params, num_points=14)
+    eager = StubModel(layers, [1, 3], num_params=num_params, num_points=14)
+    state = fit(EkfacSolver(fisher="ggn"), lazy, 0.1)
+    expected = fit(EkfacSolver(fisher="ggn"), eager, 0.1)
+    assert state.layer_names == ("layer0", "layer1")
+    for one, two in zip(state.eigenvalues, expected.eigenvalues, strict=True):
+        np.testing.assert_array_equal(one, two)

@@ -343,11 +343,14 @@ class Influence:
           projections on the eigenvectors;
         - arnoldi: projections on the ``r`` kept eigenvectors plus the
           remainder term (``remainder="floor"``), ``O(N P r)``;
+        - kfac, ekfac: per layer one rotation of each gradient into the
+          Kronecker eigenbasis, ``sum (Q_G^T G Q_A)^2 / (Lambda + lambda)``;
         - cg, lissa (and any other solver): one batched solve of each batch's
           ``B`` gradients, as costly as computing ``B`` influence factors.
 
         :attr:`info` is set by the solves of cg and lissa (one entry per
-        point); direct and arnoldi solve nothing here and leave it as it was.
+        point); direct, arnoldi, kfac and ekfac solve nothing here and leave it
+        as it was.
 
         There is no ``measurement=``: the self-influence of a measurement,
         ``<H^{-1} grad m(z_i), grad l(z_i)>``, is no longer a quadratic form
