@@ -335,3 +335,80 @@ def test_torch_and_jax_agree(kind: str, method: str, fisher: str):
     tol = max(1e-8, _tolerance(fisher))
     assert rel_err(jax_values, torch_values) < tol
     assert rel_err(jax_self, torch_self) < tol
+
+
+# -- parameters in no layer, and save/load, on the real adapters ----------------
+
+
+def _with_rest(backend_name: str) -> Any:
+    """Linear 3->4, an elementwise scale (the rest), tanh, linear 4->2; MSE."""
+    rng = np.random.default_rng(31)
+    w1, b1 = rng.standard_normal((4, 3)), rng.standard_normal(4)
+    scale = 1 + 0.2 * rng.standard_normal(4)
+    w2, b2 = rng.standard_normal((2, 4)), rng.standard_normal(2)
+    if backend_name == "torch":
+        import torch
+
+        class Scaled(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc1 = torch.nn.Linear(3, 4, dtype=torch.float64)
+                self.scale = torch.nn.Parameter(torch.as_tensor(scale))
+                self.fc2 = torch.nn.Linear(4, 2, dtype=torch.float64)
+                with torch.no_grad():
+                    for param, value in (
+                        (self.fc1.weight, w1),
+                        (self.fc1.bias, b1),
+                        (self.fc2.weight, w2),
+                        (self.fc2.bias, b2),
+                    ):
+                        param.copy_(torch.as_tensor(value))
+
+            def forward(self, x: Any) -> Any:
+                return self.fc2(torch.tanh(self.fc1(x) * self.scale))
+
+        return influx.twice_differentiable(Scaled(), torch.nn.MSELoss())
+    import jax.numpy as jnp
+
+    params = {
+        "fc1": {"w": jnp.asarray(w1), "b": jnp.asarray(b1)},
+        "scale": jnp.asarray(scale),
+        "fc2": {"w": jnp.asarray(w2), "b": jnp.asarray(b2)},
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jnp.tanh((x @ p["fc1"]["w"].T + p["fc1"]["b"]) * p["scale"])
+        return h @ p["fc2"]["w"].T + p["fc2"]["b"]
+
+    return influx.twice_differentiable(
+        apply_fn, lambda pred, y: jnp.mean((pred - y) ** 2), params=params
+    )
+
+
+def test_rest_diagonal_and_save_load(backend_name: str, tmp_path):
+    model = _with_rest(backend_name)
+    _require_layers(model)
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((9, 3)), rng.standard_normal((9, 2))
+    train = influx.batches(x, y, batch_size=4)
+    inf = influx.Influence(model, "ekfac", LAM, fisher="empirical").fit(train)
+    state = inf._fitted.state
+    assert state.rest_parameters != () and state.layer_names != ()
+    assert any("scale" in name for name in state.rest_parameters)
+    # empirical probes: the rest diagonal is the mean squared per-sample gradient
+    grads = to_numpy(
+        model.per_sample_grads(
+            *(model.backend.asarray(v, like=model.parameters) for v in (x, y))
+        )[0]
+    )
+    expected = np.mean(grads[:, state.layout.rest] ** 2, axis=0)
+    assert state.layout.rest.size == 4
+    assert rel_err(state.rest_diagonal, expected) < TOL
+    test = influx.batches(x[:3], y[:3], batch_size=2)
+    values = to_numpy(inf.influences(test, train))
+    path = tmp_path / "ekfac.npz"
+    inf.save(path)
+    loaded = influx.Influence.load(path, model)
+    assert loaded.method == "ekfac" and loaded.solver.fisher == "empirical"
+    assert rel_err(loaded.influences(test, train), values) < 1e-12
+    assert loaded._fitted.state.rest_parameters == state.rest_parameters
