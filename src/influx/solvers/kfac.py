@@ -469,7 +469,8 @@ def _check_positive(
         f"eigenvalue {smallest:.3e}, "
         f"largest {largest + regularization:.3e}): some directions have no "
         "curvature in the training data (unused inputs or parameters, fewer points "
-        "than dimensions). Pass hessian_regularization > 0, e.g. "
+        "than dimensions, a softmax cross-entropy's output Hessian, flat along "
+        "the all-ones logit direction). Pass hessian_regularization > 0, e.g. "
         f"{suggestion:.3g} (0.1 x the mean eigenvalue)."
     )
 
