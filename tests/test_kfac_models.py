@@ -313,10 +313,19 @@ def test_matches_dense_reference(backend_name: str, kind: str, method: str, fish
 # -- torch and JAX on the same weights ------------------------------------------
 
 
+# K-FAC on the CNN is left out: both backends already meet the dense reference
+# at 1e-10 on it above, and each JAX CNN case costs seconds of compilation.
+CROSS_CASES = [
+    (kind, method, fisher)
+    for kind in ("mlp", "cnn")
+    for method in ("kfac", "ekfac")
+    for fisher in FISHERS
+    if (kind, method) != ("cnn", "kfac")
+]
+
+
 @pytest.mark.cross
-@pytest.mark.parametrize("fisher", FISHERS)
-@pytest.mark.parametrize("method", ["kfac", "ekfac"])
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize(("kind", "method", "fisher"), CROSS_CASES)
 def test_torch_and_jax_agree(kind: str, method: str, fisher: str):
     results = []
     for backend_name in ("torch", "jax"):
