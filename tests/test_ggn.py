@@ -18,11 +18,9 @@ from models import linear_weights, mlp_weights, to_backend, to_numpy, wrap_mlp
 from influx.layers import LayerLayout, flat_gradients, has_layers
 
 B, IN, OUT = 5, 3, 4
-#: The square roots themselves: cross-entropy's output Hessian is singular (its
-#: rows sum to 0), and the square root of an eigenvalue computed as +-1e-17
-#: instead of 0 is up to 3e-9, so R_n agrees to about sqrt(machine epsilon).
-#: Their products (the GGN) are compared to 1e-10.
-ROOT_TOL = 1e-7
+#: The square roots themselves. Cross-entropy's output Hessian is singular (its
+#: rows sum to 0); eigenvalues below ``C * eps * max`` count as 0 on both sides.
+ROOT_TOL = 1e-10
 SIZES = (IN, 6, 5, OUT)
 
 
@@ -150,6 +148,8 @@ def _probe_ggn(model: Any, batch: Any) -> np.ndarray:
 def _roots(model: Any, x: Any, y: np.ndarray, loss: str) -> np.ndarray:
     """``R_n = H_n^{1/2}`` (eigenvalues clipped at 0), ``[B, C, C]``, numpy."""
     values, vectors = np.linalg.eigh(_output_hessians(_predictions(model, x), y, loss))
+    floor = OUT * np.finfo(np.float64).eps * np.abs(values).max(axis=1, keepdims=True)
+    values = np.where(values > floor, values, 0.0)
     return np.einsum(
         "bij,bj,bkj->bik", vectors, np.sqrt(np.clip(values, 0, None)), vectors
     )
@@ -194,18 +194,18 @@ def test_mc_probes(backend_name: str, loss: str) -> None:
 def test_mc_probes_average_to_ggn(backend_name: str) -> None:
     """Many standard normal draws: the sample covariance of the probes is ``H_n``.
 
-    With ``S`` draws each entry of the estimate has a relative standard
-    deviation of about ``sqrt(2 / S)`` (0.02 for ``S = 4000``); the fixed seed
-    makes the check deterministic and 0.1 leaves five standard deviations.
+    With ``S`` draws the estimate's relative Frobenius error is about
+    ``sqrt(2 / S)`` (0.045 for ``S = 1000``; measured 0.035-0.057 over five
+    seeds); the seed is fixed, and 0.15 leaves over three times that.
     """
     model = _layered(backend_name, "cross_entropy")
     x, y = _data("cross_entropy")
     xb, yb = to_backend(backend_name, x), to_backend(backend_name, y)
-    draws = 4000
+    draws = 1000
     rng = np.random.default_rng(7)
     batch = model.layer_batch(
         xb, yb, fisher="mc", noise=lambda b, c: rng.standard_normal((b, draws, c))
     )
     estimate = _probe_ggn(model, batch) / draws
     ggn = _dense_ggn(model, xb, y, "cross_entropy")
-    assert np.linalg.norm(estimate - ggn) <= 0.1 * np.linalg.norm(ggn)
+    assert np.linalg.norm(estimate - ggn) <= 0.15 * np.linalg.norm(ggn)

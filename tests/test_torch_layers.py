@@ -109,6 +109,31 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.mid(self.emb(x).mean(dim=1))))
 
 
+class Attention(nn.Module):
+    """Self-attention (its projections are the rest), a kwargs call, a spare layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.spare = nn.Linear(4, 4)  # never called: zero gradients
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Any) -> Any:
+        h, _ = self.attn(x, x, x, need_weights=False)
+        return self.out(input=h.mean(dim=1))
+
+
+class DirectRead(nn.Module):
+    """A layer whose weight the parent reads directly, never calling the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Any) -> Any:
+        return torch.nn.functional.linear(x, self.fc.weight)
+
+
 def _mlp() -> Any:
     return torch_mlp(mlp_weights((3, 5, 4, 2), seed=1), "float64")
 
@@ -142,6 +167,9 @@ def _data(name: str, dtype: Any = torch.float64) -> tuple[Any, Any, Any]:
     elif name == "frozen":
         module, x, loss = _frozen(), torch.randn(B, 3, generator=gen), mse
         y = torch.randn(B, 2, generator=gen)
+    elif name == "attention":
+        module, x, loss = Attention(), torch.randn(B, 3, 4, generator=gen), mse
+        y = torch.randn(B, 2, generator=gen)
     elif name == "tied":
         module, x, loss = Tied(), torch.randint(0, 5, (B, 4), generator=gen), ce
         y = torch.randint(0, 5, (B,), generator=gen)
@@ -155,7 +183,17 @@ def _data(name: str, dtype: Any = torch.float64) -> tuple[Any, Any, Any]:
     return module, x, y, loss
 
 
-MODELS = ["mlp", "mlp_ce", "cnn", "conv1d", "normed", "seq", "frozen", "tied"]
+MODELS = [
+    "mlp",
+    "mlp_ce",
+    "cnn",
+    "conv1d",
+    "normed",
+    "seq",
+    "frozen",
+    "tied",
+    "attention",
+]
 
 #: Expected (layer names, whether each has a bias, P_rest).
 STRUCTURE = {
@@ -166,6 +204,7 @@ STRUCTURE = {
     "seq": (["proj", "mix", "head"], [True] * 3, 0),
     "frozen": (["2"], [False], 2),
     "tied": (["mid"], [True], 5 * 3 + 5),
+    "attention": (["spare", "out"], [True, True], 3 * 4 * 4 + 3 * 4 + 4 * 4 + 4),
 }
 
 
@@ -243,6 +282,26 @@ def test_integer_inputs_cast() -> None:
     )
     grads, _ = model.per_sample_grads(xi, y)
     assert float((flat[:, 0] - grads).abs().max()) <= 1e-10 * float(grads.abs().max())
+
+
+def test_uncalled_layer_has_zero_gradients() -> None:
+    module, x, y, loss = _data("attention")
+    batch = influx.twice_differentiable(module, loss).layer_batch(x, y, fisher="ggn")
+    assert batch.inputs[0].shape == (B, 1, 4)
+    assert batch.output_grads[0].shape == (B, 2, 1, 4)
+    assert not batch.output_grads[0].any()
+
+
+def test_weight_read_directly_is_an_error() -> None:
+    model = influx.twice_differentiable(DirectRead().double(), nn.MSELoss())
+    assert [layer.name for layer in model.layers] == ["fc"]
+    x, y = (
+        torch.randn(B, 3, dtype=torch.float64),
+        torch.randn(B, 2, dtype=torch.float64),
+    )
+    with pytest.raises(InputError, match=r"'fc' was not called.*reads it directly"):
+        model.layer_batch(x, y)
+    assert not model.model.fc._forward_hooks
 
 
 def test_bad_arguments() -> None:
@@ -367,3 +426,176 @@ def test_ggn_probes_equal_dense_ggn(name: str) -> None:
     products = to_numpy(model.ggnvp(x, y, torch.as_tensor(vectors)))
     expected = vectors @ dense
     assert np.abs(products - expected).max() <= 1e-10 * np.abs(expected).max()
+
+
+class _Square(torch.autograd.Function):
+    """``x^2`` with a backward and a vmap rule but no forward-mode (jvp) rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Any) -> Any:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _NoForwardMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Any) -> Any:
+        return self.b(_Square.apply(self.a(x)))
+
+
+def test_ggnvp_without_forward_mode_rule() -> None:
+    """``J v`` falls back to reverse over reverse; the result is the same."""
+    model = influx.twice_differentiable(_NoForwardMode().double(), nn.MSELoss())
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(B, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(B, 2, generator=gen, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):  # the path the fallback replaces
+        torch.func.jvp(_Square.apply, (x,), (x,))
+    vectors = np.random.default_rng(1).standard_normal((2, model.num_params))
+    products = to_numpy(model.ggnvp(x, y, torch.as_tensor(vectors)))
+    expected = vectors @ _dense_ggn(model, x, y)
+    assert np.abs(products - expected).max() <= 1e-10 * np.abs(expected).max()
+
+
+def test_probes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probes back-propagated a few at a time give the same output gradients."""
+    import influx_torch._layers as torch_layers
+
+    module, x, y, loss = _data("cnn")
+    model = influx.twice_differentiable(module, loss)
+    whole = model.layer_batch(x, y, fisher="ggn")  # S = 3 in one pass
+    monkeypatch.setattr(torch_layers, "PROBE_CHUNK", 2)
+    chunked = model.layer_batch(x, y, fisher="ggn")
+    for a, b in zip(whole.output_grads, chunked.output_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_under_no_grad_and_threads() -> None:
+    """No-grad mode of the caller and concurrent calls change nothing."""
+    import threading
+
+    module, x, y, loss = _data("normed")
+    model = influx.twice_differentiable(module, loss)
+    reference = model.layer_batch(x, y, fisher="ggn")
+    with torch.no_grad():
+        quiet = model.layer_batch(x, y, fisher="ggn")
+    results: list[Any] = []
+
+    def work() -> None:
+        results.append(model.layer_batch(x, y, fisher="ggn"))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3
+    for batch in [quiet, *results]:
+        for a, b in zip(batch.output_grads, reference.output_grads, strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(batch.rest_grads, reference.rest_grads)
+    assert not any(m._forward_hooks for m in module.modules())
+
+
+class _FirstPointOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Any) -> Any:
+        return x[:, :2] + self.fc(x[0])  # the layer sees one point, not the batch
+
+
+def test_layer_off_the_batch_is_an_error() -> None:
+    model = influx.twice_differentiable(_FirstPointOnly().double(), nn.MSELoss())
+    x = torch.randn(B, 3, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"layer 'fc' got inputs of shape \(3,\)"):
+        model.layer_batch(x, x[:, :2])
+    assert not model.model.fc._forward_hooks
+
+
+@pytest.mark.parametrize(
+    ("name", "generic"),
+    [
+        ("normed", []),  # BatchNorm, LayerNorm, grouped conv: point by point
+        ("conv1d", []),  # a circular-padding conv
+        ("frozen", []),  # a Linear whose weight is frozen: its bias is rest
+        ("tied", ["emb.weight"]),  # shared by two modules
+        ("attention", ["attn.in_proj_weight", "attn.in_proj_bias"]),
+    ],
+)
+def test_rest_pass(
+    name: str, generic: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rest modules run point by point in the batched pass; only the parameters
+    that cannot take the second pass, and the gradients are the same either way."""
+    import influx_torch._layers as torch_layers
+
+    module, x, y, loss = _data(name)
+    model = influx.twice_differentiable(module, loss)
+    seen: list[list[str]] = []
+    original = torch_layers.generic_rest_grads
+
+    def spy(wrapped: Any, names: list[str], *args: Any) -> Any:
+        seen.append(list(names))
+        return original(wrapped, names, *args)
+
+    monkeypatch.setattr(torch_layers, "generic_rest_grads", spy)
+    batch = model.layer_batch(x, y, fisher="ggn")
+    expected = [n for n in generic if not n.startswith("attn.out_proj")]
+    assert (seen[0][: len(expected)] if seen else []) == expected
+    # every rest parameter through the second pass gives the same gradients
+    structure = model._layer_modules()
+    everything = structure._replace(rest_modules=[], generic_rest=structure.rest_names)
+    model._layer_structure = everything
+    reference = model.layer_batch(x, y, fisher="ggn")
+    torch.testing.assert_close(
+        batch.rest_grads, reference.rest_grads, rtol=0, atol=1e-12
+    )
+
+
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Any) -> Any:
+        return self.fc(x).detach() * 2 + 0 * self.scale.detach()
+
+
+def test_outputs_that_depend_on_no_layer() -> None:
+    model = influx.twice_differentiable(_Detached().double(), nn.MSELoss())
+    x = torch.randn(B, 3, dtype=torch.float64)
+    batch = model.layer_batch(x, torch.zeros(B, 2, dtype=torch.float64))
+    assert not batch.output_grads[0].any() and not batch.rest_grads.any()
+    assert batch.rest_grads.shape == (B, 1, 2)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 3e-2), ("float16", 1e-2)])
+def test_half_precision_ggn(dtype: str, tol: float) -> None:
+    """Half-precision models get their output Hessian roots through float32 and a
+    GGN within a few units of their precision (bfloat16 eps 8e-3, float16 1e-3)
+    of the float64 one."""
+    ggns = []
+    for name in ("float64", dtype):
+        module, x, y, loss = _data("cnn", getattr(torch, name))
+        model = influx.twice_differentiable(module, loss)
+        batch = model.layer_batch(x, y, fisher="ggn")
+        flat = flat_gradients(LayerLayout(model.layers, model.num_params), batch)
+        flat = to_numpy(flat.double())
+        ggns.append(np.einsum("nsp,nsq->pq", flat, flat) / B)
+    assert np.linalg.norm(ggns[1] - ggns[0]) <= tol * np.linalg.norm(ggns[0])

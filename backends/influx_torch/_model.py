@@ -14,6 +14,8 @@ from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 from influx._checks import scalar_loss
 from influx.errors import InputError
 from influx.layers import Layer, LayerBatch, Noise
+from influx_torch._ggn import ggnvp
+from influx_torch._layers import LayerStructure, find_layers, layer_batch
 
 __all__ = ["TorchTwiceDifferentiable"]
 
@@ -128,7 +130,7 @@ class TorchTwiceDifferentiable:
         self._cast_integer_inputs = not any(
             isinstance(m, embeddings) for m in model.modules()
         )
-        self._layer_structure: tuple[list[Layer], list[torch.nn.Module]] | None = None
+        self._layer_structure: LayerStructure | None = None  # found on first use
 
     @property
     def backend(self) -> Any:
@@ -269,8 +271,6 @@ class TorchTwiceDifferentiable:
         the Hessian of the batch-mean loss in the outputs (see
         :func:`influx_torch._ggn.ggnvp`).
         """
-        from influx_torch._ggn import ggnvp
-
         with self._eval_mode():
             return ggnvp(self, x, y, vectors)
 
@@ -283,17 +283,15 @@ class TorchTwiceDifferentiable:
         See :mod:`influx_torch._layers` for which modules are layers and which
         parameters are the rest. Found once, on first use.
         """
-        return list(self._layer_modules()[0])
+        return list(self._layer_modules().layers)
 
-    def _layer_modules(self) -> tuple[list[Layer], list[torch.nn.Module]]:
-        if self._layer_structure is None:
-            from influx_torch._layers import find_layers
-
-            with module_lock(self._module):
+    def _layer_modules(self) -> LayerStructure:
+        with module_lock(self._module):
+            if self._layer_structure is None:
                 self._layer_structure = find_layers(
                     self._module, self._names, self._sizes
                 )
-        return self._layer_structure
+            return self._layer_structure
 
     def layer_batch(
         self, x: Any, y: Any, *, fisher: str = "empirical", noise: Noise | None = None
@@ -304,15 +302,13 @@ class TorchTwiceDifferentiable:
         rest gradients ``[B, S, P_rest]`` and losses ``[B]``.
 
         The contract is :class:`influx.layers.LayerStructured`; the work is
-        done by :func:`influx_torch._layers.layer_batch` (one forward, one
-        reverse pass batched over the ``S`` probes, and one more pass mapped
-        over the samples for the rest parameters, if any).
+        done by :func:`influx_torch._layers.layer_batch`: one forward and one
+        reverse pass batched over the ``S`` probes (a second pass, mapped over
+        the samples, only for rest parameters outside leaf modules or shared).
         """
-        from influx_torch._layers import layer_batch
-
-        layers, modules = self._layer_modules()
+        structure = self._layer_modules()
         with self._eval_mode():
-            return layer_batch(self, layers, modules, x, y, fisher, noise)
+            return layer_batch(self, structure, x, y, fisher, noise)
 
     # -- state ---------------------------------------------------------------
 
