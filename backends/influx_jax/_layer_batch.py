@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+import influx.layers as layer_api
 from influx._checks import scalar_loss
 from influx.errors import InputError
-from influx.layers import FISHER_TYPES, MAX_OUTPUT_HESSIAN, Layer, LayerBatch, Noise
+from influx.layers import FISHER_TYPES, Layer, LayerBatch, Noise
 from influx_jax._compiled import pad_batch, take_leading
 from influx_jax._layers import TappedModel, find_layers, to_layers
 
@@ -106,11 +107,12 @@ class LayerStructure:
         """The :class:`~influx.layers.LayerBatch` of one batch (see the wrapper)."""
         if fisher not in FISHER_TYPES:
             raise InputError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
-        if fisher != "empirical" and self.num_outputs > MAX_OUTPUT_HESSIAN:
+        limit = layer_api.MAX_OUTPUT_HESSIAN
+        if fisher != "empirical" and self.num_outputs > limit:
             raise InputError(
                 f"fisher={fisher!r} forms the [C, C] output Hessian of each point, "
                 f"but the model has C={self.num_outputs} outputs per point (more "
-                f"than {MAX_OUTPUT_HESSIAN}): use fisher='empirical'."
+                f"than {limit}): use fisher='empirical'."
             )
         count, x, y, _ = pad_batch(x, y)
         eps = None
