@@ -72,9 +72,13 @@ def _pieces(model: JaxTwiceDifferentiable, x: Any, y: Any) -> tuple[Any, Any]:
     def loss(f: Any, yn: Any) -> Any:
         return model.loss(f[None], yn[None])
 
-    jac = jax.vmap(jax.jacrev(outputs), in_axes=(None, 0))(theta, jnp.asarray(x))
-    f = jax.vmap(outputs, in_axes=(None, 0))(theta, jnp.asarray(x))
-    hess = jax.vmap(jax.hessian(loss))(f, jnp.asarray(y))
+    @jax.jit
+    def pieces(t: Any, xs: Any, ys: Any) -> tuple[Any, Any]:
+        jac = jax.vmap(jax.jacrev(outputs), in_axes=(None, 0))(t, xs)
+        f = jax.vmap(outputs, in_axes=(None, 0))(t, xs)
+        return jac, jax.vmap(jax.hessian(loss))(f, ys)
+
+    jac, hess = pieces(theta, jnp.asarray(x), jnp.asarray(y))
     return np.asarray(jac, np.float64), np.asarray(hess, np.float64)
 
 
@@ -158,7 +162,9 @@ def test_linear_mse_ggn_is_the_hessian() -> None:
     x, y = rng.standard_normal((6, 4)), rng.standard_normal((6, 2))
     identity = jnp.eye(model.num_params)
     ggn = np.asarray(model.ggnvp(x, y, identity))
-    hessian = np.asarray(jax.hessian(model._batch_loss)(model.parameters, x, y))
+    hessian = np.asarray(
+        jax.jit(jax.hessian(model._batch_loss))(model.parameters, x, y)
+    )
     _close(ggn, hessian, 1e-10)
     batch = model.layer_batch(x, y, fisher="ggn")
     probes = np.asarray(
