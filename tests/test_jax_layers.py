@@ -379,3 +379,46 @@ def test_layer_inside_jit_and_custom_vjp() -> None:
         ("['b']", "linear", 4, 4, True),
         ("['c']", "linear", 2, 4, False),
     ]
+
+
+def test_conv1d_transposed_and_nnx_conv() -> None:
+    """A 1-D transposed convolution (lhs dilation, flipped kernel), NWC/WIO."""
+    rng = np.random.default_rng(12)
+    params = {
+        "k": jnp.asarray(rng.standard_normal((3, 4, 2)) / 2),  # WIO, I and O swapped
+        "b": jnp.asarray(rng.standard_normal(4)),
+        "w": jnp.asarray(rng.standard_normal((4 * 10, 2)) / 4),
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jax.lax.conv_transpose(
+            x,
+            p["k"],
+            (2,),
+            "SAME",
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            transpose_kernel=True,
+        )
+        h = jnp.tanh(h + p["b"])
+        return h.reshape(h.shape[0], -1) @ p["w"]
+
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    x, y = rng.standard_normal((3, 5, 2)), rng.standard_normal((3, 2))
+    batch = _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['k']", "conv", 4, 2 * 3, True),
+        ("['w']", "linear", 2, 40, False),
+    ]
+    assert batch.inputs[0].shape == (3, 10, 6)
+
+    nnx = pytest.importorskip("flax.nnx")
+    kw = {"param_dtype": jnp.float64, "dtype": jnp.float64}
+    conv = nnx.Conv(2, 3, (2, 2), strides=(2, 1), rngs=nnx.Rngs(0), **kw)
+    model = JaxTwiceDifferentiable(
+        conv, None, lambda p, t: _mse(p.reshape(p.shape[0], -1), t)
+    )
+    x = rng.standard_normal((2, 4, 3, 2))
+    y = rng.standard_normal((2, 2 * 3 * 3))
+    batch = _check_gradients(model, x, y)
+    assert _summary(model) == [("['kernel']", "conv", 3, 2 * 2 * 2, True)]
+    assert batch.inputs[0].shape == (2, 6, 8)
