@@ -83,10 +83,12 @@ def _pieces(model: JaxTwiceDifferentiable, x: Any, y: Any) -> tuple[Any, Any]:
 
 
 def _roots(hess: np.ndarray) -> np.ndarray:
+    """Symmetric square roots; eigenvalues below ``C * eps * max`` count as 0."""
     values, vectors = np.linalg.eigh(hess)
-    return (vectors * np.sqrt(np.clip(values, 0, None))[:, None, :]) @ np.swapaxes(
-        vectors, 1, 2
-    )
+    floor = hess.shape[-1] * np.finfo(values.dtype).eps
+    floor = floor * np.abs(values).max(-1, keepdims=True)
+    roots = np.sqrt(np.where(values > floor, values, 0))
+    return (vectors * roots[:, None, :]) @ np.swapaxes(vectors, 1, 2)
 
 
 def _close(actual: Any, expected: np.ndarray, tol: float) -> None:
@@ -115,11 +117,9 @@ def test_ggn_probes_give_the_dense_ggn(loss: str, count: int) -> None:
     jac, hess = _pieces(model, x, y)
     reference = np.einsum("ncp,ncd,ndq->pq", jac, hess, jac) / count
     _close(ggn, reference, 1e-10)
-    # the probes themselves: J_n^T R_n, R_n the symmetric square root; the
-    # cross-entropy's Hessian has a zero eigenvalue, whose root sqrt(1e-17)
-    # leaves ~1e-9 either way: compared to 1e-7 there
-    tol = 1e-10 if loss == "mse" else 1e-7
-    _close(probes, np.einsum("ncp,ncs->nsp", jac, _roots(hess)), tol)
+    # the probes themselves: J_n^T R_n, R_n the symmetric square root (the
+    # cross-entropy's zero eigenvalue cut at C * eps * max on both sides)
+    _close(probes, np.einsum("ncp,ncs->nsp", jac, _roots(hess)), 1e-10)
 
 
 @pytest.mark.parametrize("count", [5, 8])

@@ -43,6 +43,21 @@ def structure_key(example: Any) -> tuple[Any, ...]:
     return (treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves))
 
 
+def output_hessian_root(hessian: Any) -> Any:
+    """``R = Q diag(sqrt(l)) Q^T`` of a symmetric ``[C, C]`` output Hessian.
+
+    Eigenvalues up to ``C * eps * max |l|`` count as zero (clipping negative
+    ones, and making the roots of singular Hessians, cross-entropy's, free of
+    round-off: ``sqrt(1e-17)`` would otherwise leave ``3e-9``).
+    """
+    hessian = (hessian + hessian.T) / 2
+    values, vectors = jnp.linalg.eigh(hessian)
+    size = hessian.shape[-1]
+    floor = size * jnp.finfo(values.dtype).eps * jnp.max(jnp.abs(values))
+    roots = jnp.sqrt(jnp.where(values > floor, values, 0))
+    return (vectors * roots) @ vectors.T
+
+
 class LayerStructure:
     """The layers of ``apply_fn`` on inputs shaped like ``example``.
 
@@ -194,9 +209,7 @@ class LayerStructure:
         if fisher == "empirical":
             probes = jax.grad(loss_of)(flat)[None]
         else:
-            hessian = jax.hessian(loss_of)(flat)
-            values, vectors = jnp.linalg.eigh(hessian)
-            root = (vectors * jnp.sqrt(jnp.maximum(values, 0))) @ vectors.T
+            root = output_hessian_root(jax.hessian(loss_of)(flat))
             probes = root.T if fisher == "ggn" else eps @ root.T  # [S, C]
         rest_cot, tap_cot = jax.vmap(lambda u: pullback(unflatten(u)))(probes)
         count = probes.shape[0]
