@@ -422,3 +422,81 @@ def test_conv1d_transposed_and_nnx_conv() -> None:
     batch = _check_gradients(model, x, y)
     assert _summary(model) == [("['kernel']", "conv", 3, 2 * 2 * 2, True)]
     assert batch.inputs[0].shape == (2, 6, 8)
+
+
+# -- torch and JAX on the same weights ---------------------------------------------
+
+
+def _torch_cnn(weights: dict[str, np.ndarray]) -> Any:
+    torch = pytest.importorskip("torch")
+    conv = torch.nn.Conv2d(2, 3, (3, 2), stride=2, padding=1, dtype=torch.float64)
+    dense = torch.nn.Linear(3 * 3 * 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(torch.as_tensor(weights["conv_w"]))
+        conv.bias.copy_(torch.as_tensor(weights["conv_b"]))
+        dense.weight.copy_(torch.as_tensor(weights["dense_w"]))
+        dense.bias.copy_(torch.as_tensor(weights["dense_b"]))
+    return torch.nn.Sequential(conv, torch.nn.Tanh(), torch.nn.Flatten(), dense)
+
+
+def _jax_cnn(weights: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    params = {key: jnp.asarray(value) for key, value in weights.items()}
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jax.lax.conv_general_dilated(x, p["conv_w"], (2, 2), ((1, 1), (1, 1)))
+        h = jnp.tanh(h + p["conv_b"][:, None, None]).reshape(x.shape[0], -1)
+        return h @ p["dense_w"].T + p["dense_b"]
+
+    return apply_fn, params
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ggn", "mc"])
+def test_torch_and_jax_agree(fisher: str) -> None:
+    """Layer inputs, output gradients and layer gradients match torch's to 1e-10."""
+    torch = pytest.importorskip("torch")
+    import influx
+    from influx.layers import layer_gradients
+
+    rng = np.random.default_rng(13)
+    weights = {
+        "conv_w": rng.standard_normal((3, 2, 3, 2)) / 3,
+        "conv_b": 0.1 * rng.standard_normal(3),
+        "dense_w": rng.standard_normal((4, 36)) / 6,
+        "dense_b": 0.1 * rng.standard_normal(4),
+    }
+
+    def ce_torch(logits: Any, y: Any) -> Any:
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    torch_model = influx.twice_differentiable(_torch_cnn(weights), ce_torch)
+    if not has_layers(torch_model):
+        pytest.skip("the torch adapter has no layer structure here")
+    apply_fn, params = _jax_cnn(weights)
+    jax_model = JaxTwiceDifferentiable(apply_fn, params, _cross_entropy)
+    x, y = rng.standard_normal((5, 2, 5, 6)), rng.integers(0, 4, 5)
+    eps = rng.standard_normal((5, 2, 4))
+    kwargs = {"fisher": fisher}
+    if fisher == "mc":
+        kwargs["noise"] = lambda count, outputs: eps
+    ours = jax_model.layer_batch(x, y, **kwargs)
+    theirs = torch_model.layer_batch(torch.as_tensor(x), torch.as_tensor(y), **kwargs)
+    assert [layer.kind for layer in jax_model.layers] == ["conv", "linear"]
+    assert [(layer.d_out, layer.d_a) for layer in jax_model.layers] == [
+        (layer.d_out, layer.d_a) for layer in torch_model.layers
+    ]
+
+    def close(a: Any, b: Any) -> None:
+        a, b = np.asarray(a), b.detach().numpy()
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-10 * max(np.abs(b).max(), 1.0)
+
+    close(ours.losses, theirs.losses)
+    for k, layer in enumerate(jax_model.layers):
+        close(ours.inputs[k], theirs.inputs[k])
+        close(ours.output_grads[k], theirs.output_grads[k])
+        close(
+            layer_gradients(ours.inputs[k], ours.output_grads[k], layer),
+            layer_gradients(
+                theirs.inputs[k], theirs.output_grads[k], torch_model.layers[k]
+            ),
+        )
