@@ -500,3 +500,29 @@ def test_torch_and_jax_agree(fisher: str) -> None:
                 theirs.inputs[k], theirs.output_grads[k], torch_model.layers[k]
             ),
         )
+
+
+def test_pytree_inputs_and_shapes() -> None:
+    """Inputs as a dict of arrays; a second input shape finds the same layers."""
+    rng = np.random.default_rng(14)
+    params = {
+        "a": jnp.asarray(rng.standard_normal((3, 4))),
+        "b": jnp.asarray(rng.standard_normal((2, 4))),
+        "bias": jnp.asarray(rng.standard_normal(4)),
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jnp.tanh(x["u"] @ p["a"] + p["bias"])  # a sequence [B, T, 3]
+        return h.mean(axis=1) + x["v"] @ p["b"]
+
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    x = {"u": rng.standard_normal((3, 5, 3)), "v": rng.standard_normal((3, 2))}
+    y = rng.standard_normal((3, 4))
+    _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['a']", "linear", 4, 3, True),
+        ("['b']", "linear", 4, 2, False),
+    ]
+    longer = {"u": rng.standard_normal((2, 7, 3)), "v": rng.standard_normal((2, 2))}
+    batch = _check_gradients(model, longer, y[:2])
+    assert batch.inputs[0].shape == (2, 7, 3)

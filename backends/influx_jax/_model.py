@@ -38,6 +38,12 @@ class JaxTwiceDifferentiable:
     ``influx_jax._compiled``) and shared by every wrapper of the same
     ``apply_fn`` and ``loss``.
 
+    The wrapper offers the layer structure (:class:`influx.layers.LayerStructured`):
+    :attr:`layers` are the dense and convolution layers found in the jaxpr of
+    ``apply_fn`` on the first point it has seen (see
+    :mod:`influx_jax._layers`), :meth:`layer_batch` their inputs and output
+    gradients; :meth:`ggnvp` gives Gauss-Newton products.
+
     Integer inputs ``x`` reach ``apply_fn`` unchanged (``jnp`` promotes them
     to the parameters' dtype in arithmetic, and ``jnp.take`` or indexing by
     token ids keeps working); for the perturbation influence, which
