@@ -196,3 +196,333 @@ def test_fisher_is_checked() -> None:
         model.layer_batch(x, y, fisher="exact")
     with pytest.raises(InputError, match="noise"):
         model.layer_batch(x, y, fisher="mc")
+
+
+# -- convolutions ----------------------------------------------------------------
+
+
+def _plain_cnn(dtype: str = "float64") -> tuple[Any, Any]:
+    """OIHW kernels on NCHW inputs: stride 2 with padding, then a dilated conv."""
+    rng = np.random.default_rng(5)
+    params = {
+        "conv1": {
+            "kernel": jnp.asarray(rng.standard_normal((4, 2, 3, 2)) / 3, dtype),
+            "bias": jnp.asarray(0.1 * rng.standard_normal(4), dtype),
+        },
+        "conv2": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 2, 2)) / 3, dtype)},
+        "dense": {
+            "w": jnp.asarray(rng.standard_normal((3 * 2 * 2, 2)) / 3, dtype),
+            "b": jnp.asarray(0.1 * rng.standard_normal(2), dtype),
+        },
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jax.lax.conv_general_dilated(
+            x, p["conv1"]["kernel"], (2, 2), ((1, 1), (0, 1))
+        )
+        h = jnp.tanh(h + p["conv1"]["bias"][None, :, None, None])
+        h = jax.lax.conv_general_dilated(
+            h, p["conv2"]["kernel"], (1, 1), ((0, 0), (0, 0)), rhs_dilation=(1, 2)
+        )
+        h = jnp.tanh(h).reshape(h.shape[0], -1)
+        return h @ p["dense"]["w"] + p["dense"]["b"]
+
+    return apply_fn, params
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_plain_cnn(count: int) -> None:
+    apply_fn, params = _plain_cnn()
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((count, 2, 6, 7)), rng.standard_normal((count, 2))
+    batch = _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['conv1']", "conv", 4, 2 * 3 * 2, True),
+        ("['conv2']", "conv", 3, 4 * 2 * 2, False),
+        ("['dense']", "linear", 2, 12, True),
+    ]
+    # conv1: (6 + 2 - 3) // 2 + 1 = 3 rows, (7 + 1 - 2) // 2 + 1 = 4 columns
+    assert batch.inputs[0].shape == (count, 3 * 4, 12)
+    assert batch.output_grads[1].shape == (count, 1, 2 * 2, 3)
+
+
+def test_plain_cnn_float32() -> None:
+    apply_fn, params = _plain_cnn("float32")
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 2, 6, 7)).astype(np.float32)
+    y = rng.standard_normal((2, 2)).astype(np.float32)
+    _check_gradients(model, x, y, tol=1e-5)
+
+
+# -- flax, equinox ---------------------------------------------------------------
+
+
+def test_flax_linen_dense_and_conv() -> None:
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            x = nn.Conv(
+                3,
+                (2, 3),
+                strides=(1, 2),
+                padding="SAME",
+                dtype=jnp.float64,
+                param_dtype=jnp.float64,
+            )(x)
+            x = nn.LayerNorm(dtype=jnp.float64, param_dtype=jnp.float64)(jnp.tanh(x))
+            x = x.reshape(x.shape[0], -1)
+            return nn.Dense(2, dtype=jnp.float64, param_dtype=jnp.float64)(x)
+
+    net = Net()
+    rng = np.random.default_rng(8)
+    x, y = rng.standard_normal((3, 4, 5, 2)), rng.standard_normal((3, 2))
+    variables = net.init(jax.random.PRNGKey(0), x)
+    model = JaxTwiceDifferentiable(net.apply, variables, _mse)
+    batch = _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['params']['Conv_0']", "conv", 3, 2 * 2 * 3, True),
+        ("['params']['Dense_0']", "linear", 2, 4 * 3 * 3, True),
+    ]
+    assert batch.inputs[0].shape == (3, 4 * 3, 12)
+    assert batch.rest_grads.shape == (3, 1, 6)  # the LayerNorm's scale and bias
+
+
+def test_flax_nnx_linear() -> None:
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: Any) -> None:
+            kw = {"param_dtype": jnp.float64, "dtype": jnp.float64, "rngs": rngs}
+            self.first = nnx.Linear(3, 4, **kw)
+            self.norm = nnx.LayerNorm(4, **kw)
+            self.second = nnx.Linear(4, 2, use_bias=False, **kw)
+
+        def __call__(self, x: Any) -> Any:
+            return self.second(jnp.tanh(self.norm(self.first(x))))
+
+    model = JaxTwiceDifferentiable(Net(nnx.Rngs(0)), None, _mse)
+    rng = np.random.default_rng(9)
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['first']", "linear", 4, 3, True),
+        ("['second']", "linear", 2, 4, False),
+    ]
+
+
+def test_equinox_mlp_and_conv() -> None:
+    eqx = pytest.importorskip("equinox")
+
+    class Net(eqx.Module):
+        conv: Any
+        mlp: Any
+
+        def __init__(self, key: Any) -> None:
+            k1, k2 = jax.random.split(key)
+            self.conv = eqx.nn.Conv2d(2, 3, (2, 2), stride=2, key=k1)
+            self.mlp = eqx.nn.MLP(12, 2, 4, 1, activation=jnp.tanh, key=k2)
+
+        def __call__(self, x: Any) -> Any:
+            return self.mlp(jnp.tanh(self.conv(x)).reshape(-1))
+
+    net = jax.tree_util.tree_map(
+        lambda leaf: leaf.astype(jnp.float64) if eqx.is_inexact_array(leaf) else leaf,
+        Net(jax.random.PRNGKey(0)),
+    )
+    model = JaxTwiceDifferentiable(net, None, _mse)
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((3, 2, 4, 4)), rng.standard_normal((3, 2))
+    _check_gradients(model, x, y)
+    assert _summary(model) == [
+        (".conv", "conv", 3, 2 * 2 * 2, True),
+        (".mlp.layers[0]", "linear", 4, 12, True),
+        (".mlp.layers[1]", "linear", 2, 4, True),
+    ]
+
+
+def test_layer_inside_jit_and_custom_vjp() -> None:
+    """Layers hidden in a jitted function (used twice) and a custom_vjp."""
+
+    @jax.jit
+    def dense(w: Any, b: Any, x: Any) -> Any:
+        return x @ w + b
+
+    @jax.custom_vjp
+    def product(w: Any, x: Any) -> Any:
+        return x @ w
+
+    product.defvjp(
+        lambda w, x: (x @ w, (w, x)),
+        lambda res, g: (res[1].T @ g, g @ res[0].T),
+    )
+    rng = np.random.default_rng(11)
+    params = {
+        "a": {"w": jnp.asarray(rng.standard_normal((3, 4))), "b": jnp.zeros(4) + 0.1},
+        "b": {"w": jnp.asarray(rng.standard_normal((4, 4))), "b": jnp.ones(4) * 0.2},
+        "c": jnp.asarray(rng.standard_normal((4, 2))),
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jnp.tanh(dense(p["a"]["w"], p["a"]["b"], x))
+        h = jnp.tanh(dense(p["b"]["w"], p["b"]["b"], h))
+        return product(p["c"], h)
+
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['a']", "linear", 4, 3, True),
+        ("['b']", "linear", 4, 4, True),
+        ("['c']", "linear", 2, 4, False),
+    ]
+
+
+def test_conv1d_transposed_and_nnx_conv() -> None:
+    """A 1-D transposed convolution (lhs dilation, flipped kernel), NWC/WIO."""
+    rng = np.random.default_rng(12)
+    params = {
+        "k": jnp.asarray(rng.standard_normal((3, 4, 2)) / 2),  # WIO, I and O swapped
+        "b": jnp.asarray(rng.standard_normal(4)),
+        "w": jnp.asarray(rng.standard_normal((4 * 10, 2)) / 4),
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jax.lax.conv_transpose(
+            x,
+            p["k"],
+            (2,),
+            "SAME",
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            transpose_kernel=True,
+        )
+        h = jnp.tanh(h + p["b"])
+        return h.reshape(h.shape[0], -1) @ p["w"]
+
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    x, y = rng.standard_normal((3, 5, 2)), rng.standard_normal((3, 2))
+    batch = _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['k']", "conv", 4, 2 * 3, True),
+        ("['w']", "linear", 2, 40, False),
+    ]
+    assert batch.inputs[0].shape == (3, 10, 6)
+
+    nnx = pytest.importorskip("flax.nnx")
+    kw = {"param_dtype": jnp.float64, "dtype": jnp.float64}
+    conv = nnx.Conv(2, 3, (2, 2), strides=(2, 1), rngs=nnx.Rngs(0), **kw)
+    model = JaxTwiceDifferentiable(
+        conv, None, lambda p, t: _mse(p.reshape(p.shape[0], -1), t)
+    )
+    x = rng.standard_normal((2, 4, 3, 2))
+    y = rng.standard_normal((2, 2 * 3 * 3))
+    batch = _check_gradients(model, x, y)
+    assert _summary(model) == [("['kernel']", "conv", 3, 2 * 2 * 2, True)]
+    assert batch.inputs[0].shape == (2, 6, 8)
+
+
+# -- torch and JAX on the same weights ---------------------------------------------
+
+
+def _torch_cnn(weights: dict[str, np.ndarray]) -> Any:
+    torch = pytest.importorskip("torch")
+    conv = torch.nn.Conv2d(2, 3, (3, 2), stride=2, padding=1, dtype=torch.float64)
+    dense = torch.nn.Linear(3 * 3 * 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(torch.as_tensor(weights["conv_w"]))
+        conv.bias.copy_(torch.as_tensor(weights["conv_b"]))
+        dense.weight.copy_(torch.as_tensor(weights["dense_w"]))
+        dense.bias.copy_(torch.as_tensor(weights["dense_b"]))
+    return torch.nn.Sequential(conv, torch.nn.Tanh(), torch.nn.Flatten(), dense)
+
+
+def _jax_cnn(weights: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    params = {key: jnp.asarray(value) for key, value in weights.items()}
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jax.lax.conv_general_dilated(x, p["conv_w"], (2, 2), ((1, 1), (1, 1)))
+        h = jnp.tanh(h + p["conv_b"][:, None, None]).reshape(x.shape[0], -1)
+        return h @ p["dense_w"].T + p["dense_b"]
+
+    return apply_fn, params
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ggn", "mc"])
+def test_torch_and_jax_agree(fisher: str) -> None:
+    """Layer inputs, output gradients and layer gradients match torch's to 1e-10."""
+    torch = pytest.importorskip("torch")
+    import influx
+    from influx.layers import layer_gradients
+
+    rng = np.random.default_rng(13)
+    weights = {
+        "conv_w": rng.standard_normal((3, 2, 3, 2)) / 3,
+        "conv_b": 0.1 * rng.standard_normal(3),
+        "dense_w": rng.standard_normal((4, 36)) / 6,
+        "dense_b": 0.1 * rng.standard_normal(4),
+    }
+
+    def ce_torch(logits: Any, y: Any) -> Any:
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    torch_model = influx.twice_differentiable(_torch_cnn(weights), ce_torch)
+    if not has_layers(torch_model):
+        pytest.skip("the torch adapter has no layer structure here")
+    apply_fn, params = _jax_cnn(weights)
+    jax_model = JaxTwiceDifferentiable(apply_fn, params, _cross_entropy)
+    x, y = rng.standard_normal((5, 2, 5, 6)), rng.integers(0, 4, 5)
+    eps = rng.standard_normal((5, 2, 4))
+    kwargs = {"fisher": fisher}
+    if fisher == "mc":
+        kwargs["noise"] = lambda count, outputs: eps
+    ours = jax_model.layer_batch(x, y, **kwargs)
+    theirs = torch_model.layer_batch(torch.as_tensor(x), torch.as_tensor(y), **kwargs)
+    assert [layer.kind for layer in jax_model.layers] == ["conv", "linear"]
+    assert [(layer.d_out, layer.d_a) for layer in jax_model.layers] == [
+        (layer.d_out, layer.d_a) for layer in torch_model.layers
+    ]
+
+    def close(a: Any, b: Any) -> None:
+        a, b = np.asarray(a), b.detach().numpy()
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-10 * max(np.abs(b).max(), 1.0)
+
+    close(ours.losses, theirs.losses)
+    for k, layer in enumerate(jax_model.layers):
+        close(ours.inputs[k], theirs.inputs[k])
+        close(ours.output_grads[k], theirs.output_grads[k])
+        close(
+            layer_gradients(ours.inputs[k], ours.output_grads[k], layer),
+            layer_gradients(
+                theirs.inputs[k], theirs.output_grads[k], torch_model.layers[k]
+            ),
+        )
+
+
+def test_pytree_inputs_and_shapes() -> None:
+    """Inputs as a dict of arrays; a second input shape finds the same layers."""
+    rng = np.random.default_rng(14)
+    params = {
+        "a": jnp.asarray(rng.standard_normal((3, 4))),
+        "b": jnp.asarray(rng.standard_normal((2, 4))),
+        "bias": jnp.asarray(rng.standard_normal(4)),
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = jnp.tanh(x["u"] @ p["a"] + p["bias"])  # a sequence [B, T, 3]
+        return h.mean(axis=1) + x["v"] @ p["b"]
+
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    x = {"u": rng.standard_normal((3, 5, 3)), "v": rng.standard_normal((3, 2))}
+    y = rng.standard_normal((3, 4))
+    _check_gradients(model, x, y)
+    assert _summary(model) == [
+        ("['a']", "linear", 4, 3, True),
+        ("['b']", "linear", 4, 2, False),
+    ]
+    longer = {"u": rng.standard_normal((2, 7, 3)), "v": rng.standard_normal((2, 2))}
+    batch = _check_gradients(model, longer, y[:2])
+    assert batch.inputs[0].shape == (2, 7, 3)

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+import influx.layers as layer_api
 from influx._checks import scalar_loss
 from influx.errors import InputError
-from influx.layers import FISHER_TYPES, MAX_OUTPUT_HESSIAN, Layer, LayerBatch, Noise
+from influx.layers import FISHER_TYPES, Layer, LayerBatch, Noise
 from influx_jax._compiled import pad_batch, take_leading
 from influx_jax._layers import TappedModel, find_layers, to_layers
 
@@ -40,6 +41,21 @@ def structure_key(example: Any) -> tuple[Any, ...]:
     """Tree structure, shapes and dtypes of a batch of one."""
     leaves, treedef = jax.tree_util.tree_flatten(example)
     return (treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves))
+
+
+def output_hessian_root(hessian: Any) -> Any:
+    """``R = Q diag(sqrt(l)) Q^T`` of a symmetric ``[C, C]`` output Hessian.
+
+    Eigenvalues up to ``C * eps * max |l|`` count as zero (clipping negative
+    ones, and making the roots of singular Hessians, cross-entropy's, free of
+    round-off: ``sqrt(1e-17)`` would otherwise leave ``3e-9``).
+    """
+    hessian = (hessian + hessian.T) / 2
+    values, vectors = jnp.linalg.eigh(hessian)
+    size = hessian.shape[-1]
+    floor = size * jnp.finfo(values.dtype).eps * jnp.max(jnp.abs(values))
+    roots = jnp.sqrt(jnp.where(values > floor, values, 0))
+    return (vectors * roots) @ vectors.T
 
 
 class LayerStructure:
@@ -106,11 +122,12 @@ class LayerStructure:
         """The :class:`~influx.layers.LayerBatch` of one batch (see the wrapper)."""
         if fisher not in FISHER_TYPES:
             raise InputError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
-        if fisher != "empirical" and self.num_outputs > MAX_OUTPUT_HESSIAN:
+        limit = layer_api.MAX_OUTPUT_HESSIAN
+        if fisher != "empirical" and self.num_outputs > limit:
             raise InputError(
                 f"fisher={fisher!r} forms the [C, C] output Hessian of each point, "
                 f"but the model has C={self.num_outputs} outputs per point (more "
-                f"than {MAX_OUTPUT_HESSIAN}): use fisher='empirical'."
+                f"than {limit}): use fisher='empirical'."
             )
         count, x, y, _ = pad_batch(x, y)
         eps = None
@@ -192,9 +209,7 @@ class LayerStructure:
         if fisher == "empirical":
             probes = jax.grad(loss_of)(flat)[None]
         else:
-            hessian = jax.hessian(loss_of)(flat)
-            values, vectors = jnp.linalg.eigh(hessian)
-            root = (vectors * jnp.sqrt(jnp.maximum(values, 0))) @ vectors.T
+            root = output_hessian_root(jax.hessian(loss_of)(flat))
             probes = root.T if fisher == "ggn" else eps @ root.T  # [S, C]
         rest_cot, tap_cot = jax.vmap(lambda u: pullback(unflatten(u)))(probes)
         count = probes.shape[0]

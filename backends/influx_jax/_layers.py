@@ -6,7 +6,7 @@ every parameter leaf an input of the jaxpr, and the equations are read as
 follows (:func:`find_layers`):
 
 - a *view* of a parameter leaf is the leaf passed through ``transpose``,
-  ``reshape``, ``squeeze``, ``convert_element_type`` or ``copy`` (and, for a
+  ``reshape``, ``squeeze``, ``rev``, ``convert_element_type`` or ``copy`` (and, for a
   bias only, ``broadcast_in_dim``); views carry the ``theta`` position of each
   of their entries (a numpy integer array of the view's shape), so no layout
   is guessed;
@@ -191,6 +191,8 @@ def _view_of(eqn: Any, view: _View) -> _View | None:
         return view
     if name == "transpose":
         return _View(view.leaf, np.transpose(index, params["permutation"]))
+    if name == "rev":  # a flipped kernel (transposed convolutions)
+        return _View(view.leaf, np.flip(index, axis=tuple(params["dimensions"])))
     if name == "reshape":
         if params.get("dimensions") is not None or len(eqn.invars) != 1:
             return None
@@ -481,24 +483,26 @@ def layer_names(params: Any, specs: Sequence[LayerSpec]) -> list[str]:
     """
     paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
-    def parent(path: tuple[Any, ...]) -> tuple[Any, ...]:
-        if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
-            if path[-1].name == "value":
-                path = path[:-1]
-        return path[:-1]
+    def base(path: tuple[Any, ...]) -> tuple[Any, ...]:
+        last = path[-1] if path else None
+        if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+            return path[:-1]  # an nnx Variable's value
+        return path
 
     names = []
     for spec in specs:
-        weight = paths[spec.weight_leaf]
-        short = parent(weight)
+        weight = base(paths[spec.weight_leaf])
+        short = weight[:-1]
         if not short or (
-            spec.bias_leaf is not None and parent(paths[spec.bias_leaf]) != short
+            spec.bias_leaf is not None and base(paths[spec.bias_leaf])[:-1] != short
         ):
             short = weight
         names.append(jax.tree_util.keystr(short))
     counts = Counter(names)
     return [
-        name if counts[name] == 1 else jax.tree_util.keystr(paths[spec.weight_leaf])
+        name
+        if counts[name] == 1
+        else jax.tree_util.keystr(base(paths[spec.weight_leaf]))
         for name, spec in zip(names, specs, strict=True)
     ]
 

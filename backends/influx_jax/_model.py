@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,12 @@ class JaxTwiceDifferentiable:
     batch sizes (batches are padded with masked samples, see
     ``influx_jax._compiled``) and shared by every wrapper of the same
     ``apply_fn`` and ``loss``.
+
+    The wrapper offers the layer structure (:class:`influx.layers.LayerStructured`):
+    :attr:`layers` are the dense and convolution layers found in the jaxpr of
+    ``apply_fn`` on the first point it has seen (see
+    :mod:`influx_jax._layers`), :meth:`layer_batch` their inputs and output
+    gradients; :meth:`ggnvp` gives Gauss-Newton products.
 
     Integer inputs ``x`` reach ``apply_fn`` unchanged (``jnp`` promotes them
     to the parameters' dtype in arithmetic, and ``jnp.take`` or indexing by
@@ -101,6 +108,7 @@ class JaxTwiceDifferentiable:
         # one LayerStructure per input structure, the first batch's first.
         self._example: Any = None
         self._structures: dict[Any, LayerStructure] = {}
+        self._structures_lock = threading.Lock()
         # The user's own batch loss, unpadded: what the loss-convention check
         # compares with the per-sample losses (compiled for the checked batch).
         self._value_and_grad = jax.jit(jax.value_and_grad(self._batch_loss))
@@ -175,6 +183,7 @@ class JaxTwiceDifferentiable:
 
     def value_and_grad(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
         """Batch-mean loss ``[]`` and its gradient ``[P]`` (optional method)."""
+        self._remember(x)
         return self._value_and_grad(self._theta, x, y)
 
     def hvp(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
@@ -199,6 +208,7 @@ class JaxTwiceDifferentiable:
 
     def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
+        self._remember(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(self.dtype)  # gradients in x need a floating x
         count, x, y, mask = pad_batch(x, y)
@@ -215,6 +225,10 @@ class JaxTwiceDifferentiable:
 
     def _structure(self, example: Any) -> LayerStructure:
         key = structure_key(example)
+        with self._structures_lock:
+            return self._structure_locked(key, example)
+
+    def _structure_locked(self, key: Any, example: Any) -> LayerStructure:
         structure = self._structures.get(key)
         if structure is None:
             structure = LayerStructure(
