@@ -411,3 +411,25 @@ def test_rest_diagonal_and_save_load(backend_name: str, tmp_path):
     assert loaded.method == "ekfac" and loaded.solver.fisher == "empirical"
     assert rel_err(loaded.influences(test, train), values) < 1e-12
     assert loaded._fitted.state.rest_parameters == state.rest_parameters
+
+
+def test_jax_native_arrays_equal_host_mode():
+    """JAX off the host path (as on an accelerator) gives the host-mode state."""
+    pytest.importorskip("jax")
+    model = _wrap("jax", "mlp")
+    _require_layers(model)
+    train = _batches("mlp")
+    states = []
+    for host in (True, False):
+        operator = HessianOperator(model, train, host=host).shift(LAM)
+        solver = make_solver("ekfac", **_options("mc"))
+        states.append(solver.init(operator, model=model, training_data=train))
+    on_host, native = states
+    assert isinstance(on_host.rest_diagonal, np.ndarray)
+    assert not isinstance(native.rest_diagonal, np.ndarray)
+    for one, two in zip(on_host.eigenvalues, native.eigenvalues, strict=True):
+        assert rel_err(two, one) < 1e-12
+    grads = np.random.default_rng(0).standard_normal((3, model.num_params))
+    expected = solver.solve(on_host, grads)[0]
+    native_grads = model.backend.asarray(grads, like=model.parameters)
+    assert rel_err(solver.solve(native, native_grads)[0], expected) < 1e-12
