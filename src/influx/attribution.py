@@ -52,6 +52,8 @@ from influx.solvers import (
     ArnoldiSolver,
     CgSolver,
     DirectSolver,
+    EkfacSolver,
+    KfacSolver,
     LissaSolver,
     SolveInfo,
     Solver,
@@ -60,6 +62,7 @@ from influx.solvers import (
 from influx.solvers import arnoldi as _arnoldi
 from influx.solvers import cg as _cg
 from influx.solvers import direct as _direct
+from influx.solvers import kfac as _kfac
 from influx.solvers import lissa as _lissa
 from influx.solvers.preconditioners import NystromPreconditioner
 
@@ -366,11 +369,14 @@ class Influence:
           projections on the eigenvectors;
         - arnoldi: projections on the ``r`` kept eigenvectors plus the
           remainder term (``remainder="floor"``), ``O(N P r)``;
+        - kfac, ekfac: per layer one rotation of each gradient into the
+          Kronecker eigenbasis, ``sum (Q_G^T G Q_A)^2 / (Lambda + lambda)``;
         - cg, lissa (and any other solver): one batched solve of each batch's
           ``B`` gradients, as costly as computing ``B`` influence factors.
 
         :attr:`info` is set by the solves of cg and lissa (one entry per
-        point); direct and arnoldi solve nothing here and leave it as it was.
+        point); direct, arnoldi, kfac and ekfac solve nothing here and leave it
+        as it was.
 
         There is no ``measurement=``: the self-influence of a measurement,
         ``<H^{-1} grad m(z_i), grad l(z_i)>``, is no longer a quadratic form
@@ -864,6 +870,8 @@ def _quadratic_form(solver: Solver, state: Any, grads: Any) -> Any | None:
         return _direct.quadratic_form(state, grads)
     if isinstance(solver, ArnoldiSolver) and isinstance(state, _arnoldi.ArnoldiState):
         return _arnoldi.quadratic_form(solver, state, grads)
+    if isinstance(state, _kfac.KfacState):
+        return _kfac.quadratic_form(state, grads)
     return None
 
 
@@ -872,6 +880,8 @@ _STATE_IO: list[tuple[type[Solver], Any, Any]] = [
     (CgSolver, _cg.export_state, _cg.import_state),
     (LissaSolver, _lissa.export_state, _lissa.import_state),
     (ArnoldiSolver, _arnoldi.export_state, _arnoldi.import_state),
+    (KfacSolver, _kfac.export_state, _kfac.import_state),
+    (EkfacSolver, _kfac.export_state, _kfac.import_state),
 ]
 
 
@@ -881,7 +891,7 @@ def _state_io(solver: Solver) -> tuple[Any, Any]:
             return exporter, importer
     raise TypeError(
         f"cannot save or load the state of {type(solver).__name__}: only the "
-        "built-in solvers (direct, cg, lissa, arnoldi) can be saved."
+        "built-in solvers (direct, cg, lissa, arnoldi, kfac, ekfac) can be saved."
     )
 
 

@@ -19,6 +19,8 @@ class InversionMethod(str, Enum):
     Cg = "cg"
     Lissa = "lissa"
     Arnoldi = "arnoldi"
+    Kfac = "kfac"
+    Ekfac = "ekfac"
 
     def __str__(self) -> str:
         return self.value

@@ -18,6 +18,7 @@ from influx.solvers._base import SolveInfo, Solver
 from influx.solvers.arnoldi import ArnoldiSolver
 from influx.solvers.cg import CgSolver
 from influx.solvers.direct import DirectSolver
+from influx.solvers.kfac import EkfacSolver, KfacSolver
 from influx.solvers.lissa import LissaSolver
 from influx.solvers.preconditioners import NystromPreconditioner, Preconditioner
 
@@ -25,6 +26,8 @@ __all__ = [
     "ArnoldiSolver",
     "CgSolver",
     "DirectSolver",
+    "EkfacSolver",
+    "KfacSolver",
     "LissaSolver",
     "NystromPreconditioner",
     "Preconditioner",
@@ -41,6 +44,8 @@ SOLVERS: dict[str, type[Solver]] = {
     InversionMethod.Cg.value: CgSolver,
     InversionMethod.Lissa.value: LissaSolver,
     InversionMethod.Arnoldi.value: ArnoldiSolver,
+    InversionMethod.Kfac.value: KfacSolver,
+    InversionMethod.Ekfac.value: EkfacSolver,
 }
 
 
