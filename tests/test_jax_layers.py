@@ -526,3 +526,32 @@ def test_pytree_inputs_and_shapes() -> None:
     longer = {"u": rng.standard_normal((2, 7, 3)), "v": rng.standard_normal((2, 2))}
     batch = _check_gradients(model, longer, y[:2])
     assert batch.inputs[0].shape == (2, 7, 3)
+
+
+def test_flax_attention_dense_general() -> None:
+    """flax attention: q, k, v project to (heads, dim), out contracts two axes."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            kw = {"dtype": jnp.float64, "param_dtype": jnp.float64}
+            h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, **kw)(x)
+            return nn.Dense(2, **kw)(h.mean(axis=1))
+
+    net = Net()
+    rng = np.random.default_rng(15)
+    x, y = rng.standard_normal((3, 4, 3)), rng.standard_normal((3, 2))
+    variables = net.init(jax.random.PRNGKey(0), x)
+    model = JaxTwiceDifferentiable(net.apply, variables, _mse)
+    batch = _check_gradients(model, x, y)
+    prefix = "['params']['MultiHeadDotProductAttention_0']"
+    assert _summary(model) == [
+        (f"{prefix}['query']", "linear", 4, 3, True),
+        (f"{prefix}['key']", "linear", 4, 3, True),
+        (f"{prefix}['value']", "linear", 4, 3, True),
+        (f"{prefix}['out']", "linear", 3, 4, True),
+        ("['params']['Dense_0']", "linear", 2, 3, True),
+    ]
+    assert batch.inputs[3].shape == (3, 4, 4)  # T = 4 tokens
+    assert batch.rest_grads.shape == (3, 1, 0)

@@ -11,8 +11,9 @@ follows (:func:`find_layers`):
   of their entries (a numpy integer array of the view's shape), so no layout
   is guessed;
 - a **dense layer** is a ``dot_general`` with one operand a view (the weight)
-  and the other not, no batch dimensions and one contracting dimension; the
-  other operand is the layer input, its free dimensions the weight-sharing
+  and the other not, and no batch dimensions; the other operand is the layer
+  input (its contracting axes flattened into ``d_in``, as flax's
+  ``DenseGeneral`` over several axes), its free dimensions the weight-sharing
   positions ``T`` (tokens of a sequence);
 - a **convolution** is a ``conv_general_dilated`` whose kernel is a view, with
   ``feature_group_count == batch_group_count == 1``; its inputs are the
@@ -91,7 +92,8 @@ class LayerSpec:
     input_operand
         Which operand of the equation is the layer input (0 or 1).
     contracting
-        For a dense layer, the input's contracting axis.
+        For a dense layer, the input's contracting axes (paired in order
+        with the weight's).
     filter_shape
         For a convolution, the kernel's spatial sizes (in kernel-axis order).
     out_shape, out_dtype
@@ -105,7 +107,7 @@ class LayerSpec:
     input_operand: int
     out_shape: tuple[int, ...]
     out_dtype: Any
-    contracting: int = -1
+    contracting: tuple[int, ...] = ()
     filter_shape: tuple[int, ...] = ()
     bias_leaf: int | None = None
     bias_index: np.ndarray | None = None
@@ -124,7 +126,9 @@ class LayerSpec:
         """``[T, d_in]``: the layer inputs of one sample (patches for a conv)."""
         a = operands[self.input_operand]
         if self.kind == "linear":
-            return jnp.reshape(jnp.moveaxis(a, self.contracting, -1), (-1, self.d_in))
+            last = tuple(range(a.ndim - len(self.contracting), a.ndim))
+            moved = jnp.moveaxis(a, self.contracting, last)
+            return jnp.reshape(moved, (-1, self.d_in))
         params = eqn.params
         patches = jax.lax.conv_general_dilated_patches(
             a,
@@ -241,24 +245,24 @@ def _sub_jaxpr(eqn: Any) -> tuple[Jaxpr, list[Any]] | None:
 
 def _dense(eqn: Any, views: list[_View | None], path: tuple[int, ...]) -> Any:
     (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
-    if batch_l or batch_r or len(contract_l) != 1:
+    if batch_l or batch_r or not contract_l:
         return None
     weight_at = 0 if views[0] is not None else 1
     view = views[weight_at]
     if view is None or view.broadcast or views[1 - weight_at] is not None:
         return None
-    weight_contract = int((contract_l, contract_r)[weight_at][0])
-    free = [axis for axis in range(view.index.ndim) if axis != weight_contract]
-    index = np.transpose(view.index, (*free, weight_contract))
-    d_out = math.prod(index.shape[:-1])
+    weight_contract = [int(a) for a in (contract_l, contract_r)[weight_at]]
+    free = [axis for axis in range(view.index.ndim) if axis not in weight_contract]
+    index = np.transpose(view.index, (*free, *weight_contract))
+    d_out = math.prod(index.shape[: len(free)])
     out = eqn.outvars[0].aval
     return LayerSpec(
         path=path,
         kind="linear",
         weight_leaf=view.leaf,
-        weight_index=np.reshape(index, (d_out, index.shape[-1])),
+        weight_index=np.reshape(index, (d_out, -1)),
         input_operand=1 - weight_at,
-        contracting=int((contract_l, contract_r)[1 - weight_at][0]),
+        contracting=tuple(int(a) for a in (contract_l, contract_r)[1 - weight_at]),
         out_shape=tuple(out.shape),
         out_dtype=out.dtype,
         eqn=eqn,
