@@ -182,8 +182,9 @@ def test_sequence_positions() -> None:
 def test_layers_need_a_batch() -> None:
     apply_fn, params = _plain_mlp()
     model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    assert has_layers(model)  # the capability, before any batch
     with pytest.raises(InputError, match="find_layers"):
-        _ = model.layers
+        list(model.layers)
     layers = model.find_layers(np.zeros((2, 3)))
     assert [layer.name for layer in layers] == ["['hidden']", "['out']"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +18,32 @@ from influx_jax._layer_batch import LayerStructure, example_of, structure_key
 from influx_jax._libraries import split_model
 
 __all__ = ["JaxTwiceDifferentiable"]
+
+
+class _LazyLayers(Sequence[Layer]):
+    """The layers of a wrapper, found when first read (see ``layers``)."""
+
+    def __init__(self, resolve: Callable[[], tuple[Layer, ...]]) -> None:
+        self._resolve = resolve
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._resolve()[index]
+
+    def __len__(self) -> int:
+        return len(self._resolve())
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self._resolve())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self._resolve()))
 
 
 class JaxTwiceDifferentiable:
@@ -251,7 +277,7 @@ class JaxTwiceDifferentiable:
         return list(self._structure(example_of(x)).layers)
 
     @property
-    def layers(self) -> list[Layer]:
+    def layers(self) -> Sequence[Layer]:
         """The dense and convolution layers found in ``apply_fn``, forward order.
 
         Found from the jaxpr of ``apply_fn(params, x[:1])`` (see
@@ -259,20 +285,25 @@ class JaxTwiceDifferentiable:
         ``conv_general_dilated`` with a parameter leaf as weight, and the bias
         added to their output; parameters of no layer are the rest. Tracing
         needs an input: the first batch this wrapper has seen (any method), or
-        :meth:`find_layers`.
+        :meth:`find_layers`. The sequence is lazy: reading it does the
+        tracing, so that the capability check
+        (:func:`influx.layers.has_layers`) holds before the first batch.
 
         Raises
         ------
         InputError
-            If the wrapper has seen no batch yet.
+            When the sequence is read before the wrapper has seen a batch.
         """
+        return _LazyLayers(self._resolve_layers)
+
+    def _resolve_layers(self) -> tuple[Layer, ...]:
         if self._example is None:
             raise InputError(
                 "The JAX model's layers are found by tracing apply_fn on a batch, "
                 "and this wrapper has seen none yet: call model.find_layers(x) (or "
                 "model.layer_batch(x, y)) with a training batch first."
             )
-        return list(self._structure(self._example).layers)
+        return tuple(self._structure(self._example).layers)
 
     def layer_batch(
         self, x: Any, y: Any, *, fisher: str = "empirical", noise: Noise | None = None
