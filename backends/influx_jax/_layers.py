@@ -75,7 +75,7 @@ _CALLS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerSpec:
     """A recognised layer: its equation and how to read its inputs and outputs.
 
@@ -186,6 +186,11 @@ class _Found:
     def use(self, leaf: int, what: Any) -> None:
         self.uses.setdefault(leaf, []).append(what)
 
+    def only_use(self, leaf: int, what: Any) -> bool:
+        """Whether ``what`` (by identity) is the leaf's one use."""
+        uses = self.uses.get(leaf, [])
+        return len(uses) == 1 and uses[0] is what
+
 
 def _view_of(eqn: Any, view: _View) -> _View | None:
     """The view an equation makes of its first operand, or ``None``."""
@@ -194,9 +199,12 @@ def _view_of(eqn: Any, view: _View) -> _View | None:
     if name in ("convert_element_type", "copy", "copy_p"):
         return view
     if name == "transpose":
-        return _View(view.leaf, np.transpose(index, params["permutation"]))
+        return _View(
+            view.leaf, np.transpose(index, params["permutation"]), view.broadcast
+        )
     if name == "rev":  # a flipped kernel (transposed convolutions)
-        return _View(view.leaf, np.flip(index, axis=tuple(params["dimensions"])))
+        flipped = np.flip(index, axis=tuple(params["dimensions"]))
+        return _View(view.leaf, flipped, view.broadcast)
     if name == "reshape":
         if params.get("dimensions") is not None or len(eqn.invars) != 1:
             return None
@@ -466,13 +474,13 @@ def find_layers(
     _analyse(closed.jaxpr, views, {}, (), found)
     specs = []
     for spec in found.specs:
-        if found.uses.get(spec.weight_leaf) != [spec] or not _whole(
+        if not found.only_use(spec.weight_leaf, spec) or not _whole(
             spec.weight_index, sizes[spec.weight_leaf]
         ):
             continue
         if spec.bias_use is not None:
             leaf, bias = spec.bias_use
-            if found.uses.get(leaf) == [spec.bias_use] and _whole(bias, sizes[leaf]):
+            if found.only_use(leaf, spec.bias_use) and _whole(bias, sizes[leaf]):
                 spec.bias_leaf, spec.bias_index = leaf, bias
         specs.append(spec)
     return closed, specs
