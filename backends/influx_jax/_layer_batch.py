@@ -48,14 +48,18 @@ def output_hessian_root(hessian: Any) -> Any:
 
     Eigenvalues up to ``C * eps * max |l|`` count as zero (clipping negative
     ones, and making the roots of singular Hessians, cross-entropy's, free of
-    round-off: ``sqrt(1e-17)`` would otherwise leave ``3e-9``).
+    round-off: ``sqrt(1e-17)`` would otherwise leave ``3e-9``). Half
+    precision is decomposed in float32.
     """
+    dtype = hessian.dtype
+    if jnp.finfo(dtype).bits < 32:  # no eigh in half precision: float32
+        hessian = hessian.astype(jnp.float32)
     hessian = (hessian + hessian.T) / 2
     values, vectors = jnp.linalg.eigh(hessian)
     size = hessian.shape[-1]
     floor = size * jnp.finfo(values.dtype).eps * jnp.max(jnp.abs(values))
     roots = jnp.sqrt(jnp.where(values > floor, values, 0))
-    return (vectors * roots) @ vectors.T
+    return ((vectors * roots) @ vectors.T).astype(dtype)
 
 
 class LayerStructure:
