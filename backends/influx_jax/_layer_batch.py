@@ -37,10 +37,18 @@ def example_of(x: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[:1]), x)
 
 
-def structure_key(example: Any) -> tuple[Any, ...]:
-    """Tree structure, shapes and dtypes of a batch of one."""
-    leaves, treedef = jax.tree_util.tree_flatten(example)
-    return (treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves))
+def structure_key(x: Any) -> tuple[Any, ...]:
+    """Tree structure, shapes of one point and dtypes of a batch ``x``."""
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    return (
+        treedef,
+        tuple(
+            (tuple(np.shape(leaf)[1:]), str(jnp.asarray(leaf[:1]).dtype))
+            if not hasattr(leaf, "dtype")
+            else (tuple(leaf.shape[1:]), str(jax.dtypes.canonicalize_dtype(leaf.dtype)))
+            for leaf in leaves
+        ),
+    )
 
 
 def output_hessian_root(hessian: Any) -> Any:

@@ -249,14 +249,16 @@ class JaxTwiceDifferentiable:
         if self._example is None:
             self._example = example_of(x)
 
-    def _structure(self, example: Any) -> LayerStructure:
-        key = structure_key(example)
+    def _structure(self, x: Any) -> LayerStructure:
+        """The layer structure for batches like ``x`` (traced on ``x[:1]``)."""
+        key = structure_key(x)
         with self._structures_lock:
-            return self._structure_locked(key, example)
+            return self._structure_locked(key, x)
 
-    def _structure_locked(self, key: Any, example: Any) -> LayerStructure:
+    def _structure_locked(self, key: Any, x: Any) -> LayerStructure:
         structure = self._structures.get(key)
         if structure is None:
+            example = example_of(x)
             structure = LayerStructure(
                 self._apply_fn, self._params, self._loss, example
             )
@@ -274,7 +276,7 @@ class JaxTwiceDifferentiable:
     def find_layers(self, x: Any) -> list[Layer]:
         """Trace ``apply_fn`` on ``x[:1]`` and return its layers (see ``layers``)."""
         self._remember(x)
-        return list(self._structure(example_of(x)).layers)
+        return list(self._structure(x).layers)
 
     @property
     def layers(self) -> Sequence[Layer]:
@@ -329,7 +331,7 @@ class JaxTwiceDifferentiable:
             ``[B]``.
         """
         self._remember(x)
-        structure = self._structure(example_of(x))
+        structure = self._structure(x)
         leaves = self._leaves()
         return structure.layer_batch(leaves, x, y, fisher, noise, self.dtype)
 
