@@ -206,3 +206,22 @@ def test_mc_noise_shape_and_output_limit(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(InputError, match="fisher"):
         model.layer_batch(x, y, fisher="ggn")
     model.layer_batch(x, y)  # empirical needs no output Hessian
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_ggn(dtype: str) -> None:
+    """Half-precision probes (roots taken in float32) match float64 to 3e-2."""
+    model = JaxTwiceDifferentiable(*_mlp(dtype), _cross_entropy)
+    model64 = JaxTwiceDifferentiable(*_mlp("float64"), _cross_entropy)
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((4, 4)), rng.integers(0, 3, 4)
+    batch = model.layer_batch(jnp.asarray(x, dtype), y, fisher="ggn")
+    assert batch.output_grads[0].dtype == jnp.dtype(dtype)
+    layout = LayerLayout(model.layers, model.num_params)
+    probes = np.asarray(flat_gradients(layout, batch), np.float64)
+    x64 = jnp.asarray(jnp.asarray(x, dtype), jnp.float64)  # the same rounded inputs
+    reference = np.asarray(
+        flat_gradients(layout, model64.layer_batch(x64, y, fisher="ggn"))
+    )
+    ggn = np.einsum("nsp,nsq->pq", probes, probes)
+    _close(ggn, np.einsum("nsp,nsq->pq", reference, reference), 3e-2)

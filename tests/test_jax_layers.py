@@ -182,8 +182,9 @@ def test_sequence_positions() -> None:
 def test_layers_need_a_batch() -> None:
     apply_fn, params = _plain_mlp()
     model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    assert has_layers(model)  # the capability, before any batch
     with pytest.raises(InputError, match="find_layers"):
-        _ = model.layers
+        list(model.layers)
     layers = model.find_layers(np.zeros((2, 3)))
     assert [layer.name for layer in layers] == ["['hidden']", "['out']"]
 
@@ -345,7 +346,8 @@ def test_equinox_mlp_and_conv() -> None:
 
 
 def test_layer_inside_jit_and_custom_vjp() -> None:
-    """Layers hidden in a jitted function (used twice) and a custom_vjp."""
+    """Layers hidden in a jitted function (used twice, once under remat) and a
+    custom_vjp."""
 
     @jax.jit
     def dense(w: Any, b: Any, x: Any) -> Any:
@@ -368,7 +370,9 @@ def test_layer_inside_jit_and_custom_vjp() -> None:
 
     def apply_fn(p: Any, x: Any) -> Any:
         h = jnp.tanh(dense(p["a"]["w"], p["a"]["b"], x))
-        h = jnp.tanh(dense(p["b"]["w"], p["b"]["b"], h))
+        h = jax.checkpoint(lambda w, b, h: jnp.tanh(dense(w, b, h)))(
+            p["b"]["w"], p["b"]["b"], h
+        )
         return product(p["c"], h)
 
     model = JaxTwiceDifferentiable(apply_fn, params, _mse)
@@ -526,3 +530,55 @@ def test_pytree_inputs_and_shapes() -> None:
     longer = {"u": rng.standard_normal((2, 7, 3)), "v": rng.standard_normal((2, 2))}
     batch = _check_gradients(model, longer, y[:2])
     assert batch.inputs[0].shape == (2, 7, 3)
+
+
+def test_flax_attention_dense_general() -> None:
+    """flax attention: q, k, v project to (heads, dim), out contracts two axes."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            kw = {"dtype": jnp.float64, "param_dtype": jnp.float64}
+            h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, **kw)(x)
+            return nn.Dense(2, **kw)(h.mean(axis=1))
+
+    net = Net()
+    rng = np.random.default_rng(15)
+    x, y = rng.standard_normal((3, 4, 3)), rng.standard_normal((3, 2))
+    variables = net.init(jax.random.PRNGKey(0), x)
+    model = JaxTwiceDifferentiable(net.apply, variables, _mse)
+    batch = _check_gradients(model, x, y)
+    prefix = "['params']['MultiHeadDotProductAttention_0']"
+    assert _summary(model) == [
+        (f"{prefix}['query']", "linear", 4, 3, True),
+        (f"{prefix}['key']", "linear", 4, 3, True),
+        (f"{prefix}['value']", "linear", 4, 3, True),
+        (f"{prefix}['out']", "linear", 3, 4, True),
+        ("['params']['Dense_0']", "linear", 2, 3, True),
+    ]
+    assert batch.inputs[3].shape == (3, 4, 4)  # T = 4 tokens
+    assert batch.rest_grads.shape == (3, 1, 0)
+
+
+def test_weights_in_a_scan_are_rest() -> None:
+    """A recurrent cell run by lax.scan is no layer; its gradients come whole."""
+    rng = np.random.default_rng(16)
+    params = {
+        "cell": jnp.asarray(rng.standard_normal((3, 3)) / 2),
+        "read": {"w": jnp.asarray(rng.standard_normal((3, 2))), "b": jnp.zeros(2)},
+    }
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        def step(h: Any, xt: Any) -> Any:
+            h = jnp.tanh(h @ p["cell"] + xt)
+            return h, None
+
+        h, _ = jax.lax.scan(step, jnp.zeros_like(x[:, 0]), jnp.swapaxes(x, 0, 1))
+        return h @ p["read"]["w"] + p["read"]["b"]
+
+    model = JaxTwiceDifferentiable(apply_fn, params, _mse)
+    x, y = rng.standard_normal((3, 4, 3)), rng.standard_normal((3, 2))
+    batch = _check_gradients(model, x, y)
+    assert _summary(model) == [("['read']", "linear", 2, 3, True)]
+    assert batch.rest_grads.shape == (3, 1, 9)

@@ -251,12 +251,12 @@ class CompiledModel:
     def _ggnvp(self, theta: Any, x: Any, y: Any, mask: Any, vectors: Any) -> Any:
         # J^T H_out J v: J v forward (linearize once, then a linear map per
         # vector), H_out (J v) as a forward-over-reverse product of the masked
-        # mean loss in the outputs, J^T back with one shared VJP.
+        # mean loss in the outputs, J^T back by transposing the linear map.
         def outputs(t: Any) -> Any:
             return self._apply(self._unravel(t), x)
 
         predictions, forward = jax.linearize(outputs, theta)
-        _, backward = jax.vjp(outputs, theta)
+        backward = jax.linear_transpose(forward, theta)  # J^T, no second forward
 
         def output_loss(prediction: Any) -> Any:
             def one(row: Any, target: Any) -> Any:

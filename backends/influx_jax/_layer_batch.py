@@ -37,10 +37,18 @@ def example_of(x: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[:1]), x)
 
 
-def structure_key(example: Any) -> tuple[Any, ...]:
-    """Tree structure, shapes and dtypes of a batch of one."""
-    leaves, treedef = jax.tree_util.tree_flatten(example)
-    return (treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves))
+def structure_key(x: Any) -> tuple[Any, ...]:
+    """Tree structure, shapes of one point and dtypes of a batch ``x``."""
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    return (
+        treedef,
+        tuple(
+            (tuple(np.shape(leaf)[1:]), str(jnp.asarray(leaf[:1]).dtype))
+            if not hasattr(leaf, "dtype")
+            else (tuple(leaf.shape[1:]), str(jax.dtypes.canonicalize_dtype(leaf.dtype)))
+            for leaf in leaves
+        ),
+    )
 
 
 def output_hessian_root(hessian: Any) -> Any:
@@ -48,14 +56,18 @@ def output_hessian_root(hessian: Any) -> Any:
 
     Eigenvalues up to ``C * eps * max |l|`` count as zero (clipping negative
     ones, and making the roots of singular Hessians, cross-entropy's, free of
-    round-off: ``sqrt(1e-17)`` would otherwise leave ``3e-9``).
+    round-off: ``sqrt(1e-17)`` would otherwise leave ``3e-9``). Half
+    precision is decomposed in float32.
     """
+    dtype = hessian.dtype
+    if jnp.finfo(dtype).bits < 32:  # no eigh in half precision: float32
+        hessian = hessian.astype(jnp.float32)
     hessian = (hessian + hessian.T) / 2
     values, vectors = jnp.linalg.eigh(hessian)
     size = hessian.shape[-1]
     floor = size * jnp.finfo(values.dtype).eps * jnp.max(jnp.abs(values))
     roots = jnp.sqrt(jnp.where(values > floor, values, 0))
-    return (vectors * roots) @ vectors.T
+    return ((vectors * roots) @ vectors.T).astype(dtype)
 
 
 class LayerStructure:

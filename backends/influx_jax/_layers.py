@@ -11,8 +11,9 @@ follows (:func:`find_layers`):
   of their entries (a numpy integer array of the view's shape), so no layout
   is guessed;
 - a **dense layer** is a ``dot_general`` with one operand a view (the weight)
-  and the other not, no batch dimensions and one contracting dimension; the
-  other operand is the layer input, its free dimensions the weight-sharing
+  and the other not, and no batch dimensions; the other operand is the layer
+  input (its contracting axes flattened into ``d_in``, as flax's
+  ``DenseGeneral`` over several axes), its free dimensions the weight-sharing
   positions ``T`` (tokens of a sequence);
 - a **convolution** is a ``conv_general_dilated`` whose kernel is a view, with
   ``feature_group_count == batch_group_count == 1``; its inputs are the
@@ -74,7 +75,7 @@ _CALLS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerSpec:
     """A recognised layer: its equation and how to read its inputs and outputs.
 
@@ -91,7 +92,8 @@ class LayerSpec:
     input_operand
         Which operand of the equation is the layer input (0 or 1).
     contracting
-        For a dense layer, the input's contracting axis.
+        For a dense layer, the input's contracting axes (paired in order
+        with the weight's).
     filter_shape
         For a convolution, the kernel's spatial sizes (in kernel-axis order).
     out_shape, out_dtype
@@ -105,7 +107,7 @@ class LayerSpec:
     input_operand: int
     out_shape: tuple[int, ...]
     out_dtype: Any
-    contracting: int = -1
+    contracting: tuple[int, ...] = ()
     filter_shape: tuple[int, ...] = ()
     bias_leaf: int | None = None
     bias_index: np.ndarray | None = None
@@ -124,7 +126,9 @@ class LayerSpec:
         """``[T, d_in]``: the layer inputs of one sample (patches for a conv)."""
         a = operands[self.input_operand]
         if self.kind == "linear":
-            return jnp.reshape(jnp.moveaxis(a, self.contracting, -1), (-1, self.d_in))
+            last = tuple(range(a.ndim - len(self.contracting), a.ndim))
+            moved = jnp.moveaxis(a, self.contracting, last)
+            return jnp.reshape(moved, (-1, self.d_in))
         params = eqn.params
         patches = jax.lax.conv_general_dilated_patches(
             a,
@@ -182,6 +186,11 @@ class _Found:
     def use(self, leaf: int, what: Any) -> None:
         self.uses.setdefault(leaf, []).append(what)
 
+    def only_use(self, leaf: int, what: Any) -> bool:
+        """Whether ``what`` (by identity) is the leaf's one use."""
+        uses = self.uses.get(leaf, [])
+        return len(uses) == 1 and uses[0] is what
+
 
 def _view_of(eqn: Any, view: _View) -> _View | None:
     """The view an equation makes of its first operand, or ``None``."""
@@ -190,9 +199,12 @@ def _view_of(eqn: Any, view: _View) -> _View | None:
     if name in ("convert_element_type", "copy", "copy_p"):
         return view
     if name == "transpose":
-        return _View(view.leaf, np.transpose(index, params["permutation"]))
+        return _View(
+            view.leaf, np.transpose(index, params["permutation"]), view.broadcast
+        )
     if name == "rev":  # a flipped kernel (transposed convolutions)
-        return _View(view.leaf, np.flip(index, axis=tuple(params["dimensions"])))
+        flipped = np.flip(index, axis=tuple(params["dimensions"]))
+        return _View(view.leaf, flipped, view.broadcast)
     if name == "reshape":
         if params.get("dimensions") is not None or len(eqn.invars) != 1:
             return None
@@ -241,24 +253,24 @@ def _sub_jaxpr(eqn: Any) -> tuple[Jaxpr, list[Any]] | None:
 
 def _dense(eqn: Any, views: list[_View | None], path: tuple[int, ...]) -> Any:
     (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
-    if batch_l or batch_r or len(contract_l) != 1:
+    if batch_l or batch_r or not contract_l:
         return None
     weight_at = 0 if views[0] is not None else 1
     view = views[weight_at]
     if view is None or view.broadcast or views[1 - weight_at] is not None:
         return None
-    weight_contract = int((contract_l, contract_r)[weight_at][0])
-    free = [axis for axis in range(view.index.ndim) if axis != weight_contract]
-    index = np.transpose(view.index, (*free, weight_contract))
-    d_out = math.prod(index.shape[:-1])
+    weight_contract = [int(a) for a in (contract_l, contract_r)[weight_at]]
+    free = [axis for axis in range(view.index.ndim) if axis not in weight_contract]
+    index = np.transpose(view.index, (*free, *weight_contract))
+    d_out = math.prod(index.shape[: len(free)])
     out = eqn.outvars[0].aval
     return LayerSpec(
         path=path,
         kind="linear",
         weight_leaf=view.leaf,
-        weight_index=np.reshape(index, (d_out, index.shape[-1])),
+        weight_index=np.reshape(index, (d_out, -1)),
         input_operand=1 - weight_at,
-        contracting=int((contract_l, contract_r)[1 - weight_at][0]),
+        contracting=tuple(int(a) for a in (contract_l, contract_r)[1 - weight_at]),
         out_shape=tuple(out.shape),
         out_dtype=out.dtype,
         eqn=eqn,
@@ -462,13 +474,13 @@ def find_layers(
     _analyse(closed.jaxpr, views, {}, (), found)
     specs = []
     for spec in found.specs:
-        if found.uses.get(spec.weight_leaf) != [spec] or not _whole(
+        if not found.only_use(spec.weight_leaf, spec) or not _whole(
             spec.weight_index, sizes[spec.weight_leaf]
         ):
             continue
         if spec.bias_use is not None:
             leaf, bias = spec.bias_use
-            if found.uses.get(leaf) == [spec.bias_use] and _whole(bias, sizes[leaf]):
+            if found.only_use(leaf, spec.bias_use) and _whole(bias, sizes[leaf]):
                 spec.bias_leaf, spec.bias_index = leaf, bias
         specs.append(spec)
     return closed, specs

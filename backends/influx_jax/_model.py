@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +18,32 @@ from influx_jax._layer_batch import LayerStructure, example_of, structure_key
 from influx_jax._libraries import split_model
 
 __all__ = ["JaxTwiceDifferentiable"]
+
+
+class _LazyLayers(Sequence[Layer]):
+    """The layers of a wrapper, found when first read (see ``layers``)."""
+
+    def __init__(self, resolve: Callable[[], tuple[Layer, ...]]) -> None:
+        self._resolve = resolve
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._resolve()[index]
+
+    def __len__(self) -> int:
+        return len(self._resolve())
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self._resolve())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self._resolve()))
 
 
 class JaxTwiceDifferentiable:
@@ -223,14 +249,16 @@ class JaxTwiceDifferentiable:
         if self._example is None:
             self._example = example_of(x)
 
-    def _structure(self, example: Any) -> LayerStructure:
-        key = structure_key(example)
+    def _structure(self, x: Any) -> LayerStructure:
+        """The layer structure for batches like ``x`` (traced on ``x[:1]``)."""
+        key = structure_key(x)
         with self._structures_lock:
-            return self._structure_locked(key, example)
+            return self._structure_locked(key, x)
 
-    def _structure_locked(self, key: Any, example: Any) -> LayerStructure:
+    def _structure_locked(self, key: Any, x: Any) -> LayerStructure:
         structure = self._structures.get(key)
         if structure is None:
+            example = example_of(x)
             structure = LayerStructure(
                 self._apply_fn, self._params, self._loss, example
             )
@@ -248,10 +276,10 @@ class JaxTwiceDifferentiable:
     def find_layers(self, x: Any) -> list[Layer]:
         """Trace ``apply_fn`` on ``x[:1]`` and return its layers (see ``layers``)."""
         self._remember(x)
-        return list(self._structure(example_of(x)).layers)
+        return list(self._structure(x).layers)
 
     @property
-    def layers(self) -> list[Layer]:
+    def layers(self) -> Sequence[Layer]:
         """The dense and convolution layers found in ``apply_fn``, forward order.
 
         Found from the jaxpr of ``apply_fn(params, x[:1])`` (see
@@ -259,20 +287,25 @@ class JaxTwiceDifferentiable:
         ``conv_general_dilated`` with a parameter leaf as weight, and the bias
         added to their output; parameters of no layer are the rest. Tracing
         needs an input: the first batch this wrapper has seen (any method), or
-        :meth:`find_layers`.
+        :meth:`find_layers`. The sequence is lazy: reading it does the
+        tracing, so that the capability check
+        (:func:`influx.layers.has_layers`) holds before the first batch.
 
         Raises
         ------
         InputError
-            If the wrapper has seen no batch yet.
+            When the sequence is read before the wrapper has seen a batch.
         """
+        return _LazyLayers(self._resolve_layers)
+
+    def _resolve_layers(self) -> tuple[Layer, ...]:
         if self._example is None:
             raise InputError(
                 "The JAX model's layers are found by tracing apply_fn on a batch, "
                 "and this wrapper has seen none yet: call model.find_layers(x) (or "
                 "model.layer_batch(x, y)) with a training batch first."
             )
-        return list(self._structure(self._example).layers)
+        return tuple(self._structure(self._example).layers)
 
     def layer_batch(
         self, x: Any, y: Any, *, fisher: str = "empirical", noise: Noise | None = None
@@ -298,7 +331,7 @@ class JaxTwiceDifferentiable:
             ``[B]``.
         """
         self._remember(x)
-        structure = self._structure(example_of(x))
+        structure = self._structure(x)
         leaves = self._leaves()
         return structure.layer_batch(leaves, x, y, fisher, noise, self.dtype)
 
