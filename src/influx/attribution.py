@@ -45,6 +45,7 @@ from influx.operators import HessianOperator, LinearOperator, ModelPlacedOperato
 from influx.protocols import TwiceDifferentiable
 from influx.solvers import (
     ArnoldiSolver,
+    BlockSolver,
     CgSolver,
     DirectSolver,
     LissaSolver,
@@ -53,6 +54,7 @@ from influx.solvers import (
     make_solver,
 )
 from influx.solvers import arnoldi as _arnoldi
+from influx.solvers import block as _block
 from influx.solvers import cg as _cg
 from influx.solvers import direct as _direct
 from influx.solvers import lissa as _lissa
@@ -79,9 +81,9 @@ class Influence:
     model
         A wrapped model (:func:`influx.twice_differentiable`).
     method
-        ``"direct"`` (default), ``"cg"``, ``"lissa"``, ``"arnoldi"`` (or an
-        :class:`~influx.InversionMethod`), or a :class:`~influx.Solver`
-        instance, which is used as is.
+        ``"direct"`` (default), ``"cg"``, ``"lissa"``, ``"arnoldi"``,
+        ``"block"`` (or an :class:`~influx.InversionMethod`), or a
+        :class:`~influx.Solver` instance, which is used as is.
     hessian_regularization
         ``lambda >= 0`` added to the Hessian's diagonal.
     progress
@@ -799,6 +801,8 @@ def _quadratic_form(solver: Solver, state: Any, grads: Any) -> Any | None:
     """``<A^{-1} g_k, g_k>`` from a factorised state, or ``None`` to solve."""
     if isinstance(state, _direct.DirectState):
         return _direct.quadratic_form(state, grads)
+    if isinstance(state, _block.BlockState):
+        return _block.quadratic_form(state, grads)
     if isinstance(solver, ArnoldiSolver) and isinstance(state, _arnoldi.ArnoldiState):
         return _arnoldi.quadratic_form(solver, state, grads)
     return None
@@ -809,6 +813,7 @@ _STATE_IO: list[tuple[type[Solver], Any, Any]] = [
     (CgSolver, _cg.export_state, _cg.import_state),
     (LissaSolver, _lissa.export_state, _lissa.import_state),
     (ArnoldiSolver, _arnoldi.export_state, _arnoldi.import_state),
+    (BlockSolver, _block.export_state, _block.import_state),
 ]
 
 
@@ -818,7 +823,7 @@ def _state_io(solver: Solver) -> tuple[Any, Any]:
             return exporter, importer
     raise TypeError(
         f"cannot save or load the state of {type(solver).__name__}: only the "
-        "built-in solvers (direct, cg, lissa, arnoldi) can be saved."
+        "built-in solvers (direct, cg, lissa, arnoldi, block) can be saved."
     )
 
 

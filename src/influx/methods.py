@@ -19,6 +19,7 @@ class InversionMethod(str, Enum):
     Cg = "cg"
     Lissa = "lissa"
     Arnoldi = "arnoldi"
+    Block = "block"
 
     def __str__(self) -> str:
         return self.value

@@ -16,6 +16,7 @@ from influx.errors import InputError
 from influx.methods import InversionMethod
 from influx.solvers._base import SolveInfo, Solver
 from influx.solvers.arnoldi import ArnoldiSolver
+from influx.solvers.block import BlockSolver
 from influx.solvers.cg import CgSolver
 from influx.solvers.direct import DirectSolver
 from influx.solvers.lissa import LissaSolver
@@ -23,6 +24,7 @@ from influx.solvers.preconditioners import NystromPreconditioner, Preconditioner
 
 __all__ = [
     "ArnoldiSolver",
+    "BlockSolver",
     "CgSolver",
     "DirectSolver",
     "LissaSolver",
@@ -41,6 +43,7 @@ SOLVERS: dict[str, type[Solver]] = {
     InversionMethod.Cg.value: CgSolver,
     InversionMethod.Lissa.value: LissaSolver,
     InversionMethod.Arnoldi.value: ArnoldiSolver,
+    InversionMethod.Block.value: BlockSolver,
 }
 
 
