@@ -278,9 +278,7 @@ def _check_blocks_fit(sizes: list[int], size: int, itemsize: int) -> None:
     """Raise if the blocks and one product of 256 vectors would not fit."""
     squares = sum(n * n for n in sizes)
     largest = max(sizes) if sizes else 0
-    needed = (
-        squares * 2 + largest * largest + 2 * IDENTITY_CHUNK * size
-    ) * itemsize
+    needed = (squares * 2 + largest * largest + 2 * IDENTITY_CHUNK * size) * itemsize
     available = available_memory()
     if available is None or needed <= available:
         return
@@ -299,7 +297,9 @@ def _like_index(xp: Any, index: np.ndarray, like: Any) -> Any:
     return xp.asarray(index, device=array_device(like))
 
 
-def _join(xp: Any, pieces: list[Any], indices: tuple[np.ndarray, ...], like: Any) -> Any:
+def _join(
+    xp: Any, pieces: list[Any], indices: tuple[np.ndarray, ...], like: Any
+) -> Any:
     """Per-block ``[K, P_b]`` pieces -> ``[K, P]`` in ``theta`` order."""
     ordered = xp.concat(pieces, axis=1)
     inverse = np.argsort(np.concatenate(indices)).astype(np.int64)
