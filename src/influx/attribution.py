@@ -12,6 +12,7 @@ of :func:`influx.compute_influences`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -29,7 +30,9 @@ from array_api_compat import array_namespace
 from influx._host import computes_on_host
 from influx._output import check_out_up_front
 from influx._scoring import (
+    BY_LAYER_UP_ONLY,
     check_model,
+    check_out_by_layer,
     check_regularization,
     concat,
     gradients,
@@ -40,6 +43,7 @@ from influx._scoring import (
 )
 from influx.data import DataReader
 from influx.errors import InputError
+from influx.layers import parameter_groups
 from influx.methods import InfluenceType, parse_influence_type
 from influx.operators import HessianOperator, LinearOperator, ModelPlacedOperator
 from influx.protocols import TwiceDifferentiable
@@ -294,6 +298,7 @@ class Influence:
         influence_type: InfluenceType | str = InfluenceType.Up,
         out: Any = None,
         measurement: Measurement | None = None,
+        by_layer: bool = False,
     ) -> Any:
         """Influence of every input point on every test point.
 
@@ -311,25 +316,58 @@ class Influence:
             shape that takes it block by block; it is returned.
         measurement
             See :meth:`factors`.
+        by_layer
+            Split each up-weighting influence ``<s_test, grad l(z)>`` over the
+            parameter groups of :attr:`layer_names` (each layer's weight and
+            bias, then each remaining parameter tensor): the result gets a
+            last axis ``L`` that sums to the total (to rounding). Up-weighting
+            only; ``out`` must then be ``[N_test, M, L]``.
 
         Returns
         -------
         Any
-            Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, *S]`` for
-            ``"perturbation"``; ``out`` when given.
+            Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, L]`` with
+            ``by_layer``, ``[N_test, M, *S]`` for ``"perturbation"``; ``out``
+            when given.
         """
         kind = parse_influence_type(influence_type)
+        if not isinstance(by_layer, bool | np.bool_):
+            raise TypeError(f"by_layer must be True or False, got {by_layer!r}.")
+        if by_layer and kind is not InfluenceType.Up:
+            raise InputError(BY_LAYER_UP_ONLY)
         fitted = self._require_fitted()
         data, name = self._input(fitted, input_data)
-        check_out_up_front(out, kind is InfluenceType.Up, data, test_data=test_data)
+        if by_layer:
+            check_out_by_layer(out, self._model, data, test_data=test_data)
+        else:
+            check_out_up_front(out, kind is InfluenceType.Up, data, test_data=test_data)
         factors = self.factors(test_data, measurement=measurement)
-        return self._score(kind, data, name, factors, out)
+        return self._score(kind, data, name, factors, out, bool(by_layer))
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the parameter groups of ``influences(..., by_layer=True)``.
+
+        One per entry of the result's last axis ``L``, in order: the model's
+        recognised layers (weight and bias together), when its adapter offers
+        the layer structure, then each remaining parameter tensor (a model
+        without the layer structure: each parameter tensor); see
+        :func:`influx.layers.parameter_groups`.
+        """
+        return [name for name, _ in parameter_groups(self._model)]
 
     def _score(
-        self, kind: InfluenceType, data: Any, name: str, factors: Any, out: Any
+        self,
+        kind: InfluenceType,
+        data: Any,
+        name: str,
+        factors: Any,
+        out: Any,
+        by_layer: bool = False,
     ) -> Any:
         """Influences of ``kind`` of ``data`` for ``factors`` (the shared loop)."""
-        return score(kind, self._guarded, data, factors, self._progress, name, out)
+        model, progress = self._guarded, self._progress
+        return score(kind, model, data, factors, progress, name, out, by_layer=by_layer)
 
     def self_influence(self, data: Any) -> Any:
         """``<H^{-1} g_i, g_i>`` of every point, ``g_i = grad l(z_i)``; ``[N]``.
@@ -791,7 +829,14 @@ class _Serialised:
             return self._wrapped.mixed_grads(x, y, vectors)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
+        found = getattr(self._wrapped, name)
+        if name == "layer_batch":  # the optional layer structure, serialised too
+            return functools.partial(self._locked, found)
+        return found
+
+    def _locked(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self._call_lock:
+            return method(*args, **kwargs)
 
 
 # -- per-method pieces -------------------------------------------------------------
