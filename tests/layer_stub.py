@@ -17,6 +17,7 @@ the *rest*). Losses: ``"mse"`` (mean over all entries) and
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,10 @@ def torch_network(ops: list[Op], dtype: str) -> Any:
             w, b = op[1], op[2]
             if kind == "linear":
                 module = torch.nn.Linear(
-                    w.shape[1], w.shape[0], bias=b is not None, dtype=getattr(torch, dtype)
+                    w.shape[1],
+                    w.shape[0],
+                    bias=b is not None,
+                    dtype=getattr(torch, dtype),
                 )
             else:
                 module = torch.nn.Conv1d(
@@ -92,7 +96,11 @@ def jax_network(ops: list[Op], dtype: str) -> tuple[Any, Any]:
                 h = h @ entry["w"].T + (entry["b"] if "b" in entry else 0.0)
             elif kind == "conv1d":
                 h = jax.lax.conv_general_dilated(
-                    h, entry["w"], (1,), "VALID", dimension_numbers=("NCH", "OIH", "NCH")
+                    h,
+                    entry["w"],
+                    (1,),
+                    "VALID",
+                    dimension_numbers=("NCH", "OIH", "NCH"),
                 )
                 h = h + entry["b"][None, :, None]
             elif kind == "tanh":
@@ -200,9 +208,7 @@ class LayeredModel:
                 inputs.append(_patches(h_in, width))
                 g = grad.transpose(0, 2, 1)  # [B, T, c_out]
                 outputs.append(g[:, None])
-                patch_grads = (g @ w.reshape(c_out, -1)).reshape(
-                    count, -1, c_in, width
-                )
+                patch_grads = (g @ w.reshape(c_out, -1)).reshape(count, -1, c_in, width)
                 grad = np.zeros_like(h_in)
                 for k in range(width):
                     grad[:, :, k : k + patch_grads.shape[1]] += patch_grads[
@@ -258,7 +264,7 @@ def mlp_ops(sizes: tuple[int, ...], seed: int = 0, scale: bool = False) -> list[
     """A tanh MLP; with ``scale``, a learnable elementwise scale on its output."""
     rng = np.random.default_rng(seed)
     ops: list[Op] = []
-    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for index, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         w = rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)
         ops.append(("linear", w, 0.1 * rng.standard_normal(n_out)))
         if index < len(sizes) - 2:
