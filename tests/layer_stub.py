@@ -290,3 +290,10 @@ def cnn_ops(
         ("flatten",),
         ("linear", dense, 0.1 * rng.standard_normal(outputs)),
     ]
+
+
+def native_grads(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-sample gradients ``[B, P]`` from the adapter (flat), float64 numpy."""
+    backend, theta = model.backend, model.parameters
+    x, y = backend.asarray(x, like=theta), backend.asarray(y)
+    return to_numpy(model.per_sample_grads(x, y)[0])
