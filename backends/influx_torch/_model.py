@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from influx._checks import scalar_loss
 from influx.errors import InputError
+from influx.layers import Layer, LayerBatch, Noise
 
 __all__ = ["TorchTwiceDifferentiable"]
 
@@ -127,6 +128,7 @@ class TorchTwiceDifferentiable:
         self._cast_integer_inputs = not any(
             isinstance(m, embeddings) for m in model.modules()
         )
+        self._layer_structure: Any = None  # _layers.LayerStructure, found on first use
 
     @property
     def backend(self) -> Any:
@@ -259,6 +261,58 @@ class TorchTwiceDifferentiable:
 
         with self._eval_mode():
             return vmap(grad(directional), in_dims=(None, 0))(x, vectors).detach()
+
+    def ggnvp(self, x: Any, y: Any, vectors: torch.Tensor) -> torch.Tensor:
+        """``[K, P]`` products of the batch-mean Gauss-Newton matrix ``J^T H_out J``.
+
+        ``J`` is the Jacobian of the batch's outputs in ``theta`` and ``H_out``
+        the Hessian of the batch-mean loss in the outputs (see
+        :func:`influx_torch._ggn.ggnvp`).
+        """
+        from influx_torch._ggn import ggnvp
+
+        with self._eval_mode():
+            return ggnvp(self, x, y, vectors)
+
+    # -- layer structure (influx.layers.LayerStructured) ----------------------
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The recognised layers (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``).
+
+        See :mod:`influx_torch._layers` for which modules are layers and which
+        parameters are the rest. Found once, on first use.
+        """
+        return list(self._layer_modules().layers)
+
+    def _layer_modules(self) -> Any:
+        if self._layer_structure is None:
+            from influx_torch._layers import find_layers
+
+            with module_lock(self._module):
+                self._layer_structure = find_layers(
+                    self._module, self._names, self._sizes
+                )
+        return self._layer_structure
+
+    def layer_batch(
+        self, x: Any, y: Any, *, fisher: str = "empirical", noise: Noise | None = None
+    ) -> LayerBatch:
+        """One batch's layer inputs, output gradients, rest gradients and losses.
+
+        Layer inputs ``[B, T, d_in]``, output gradients ``[B, S, T, d_out]``,
+        rest gradients ``[B, S, P_rest]`` and losses ``[B]``.
+
+        The contract is :class:`influx.layers.LayerStructured`; the work is
+        done by :func:`influx_torch._layers.layer_batch` (one forward, one
+        reverse pass batched over the ``S`` probes, and one more pass mapped
+        over the samples for the rest parameters, if any).
+        """
+        from influx_torch._layers import layer_batch
+
+        structure = self._layer_modules()
+        with self._eval_mode():
+            return layer_batch(self, structure, x, y, fisher, noise)
 
     # -- state ---------------------------------------------------------------
 
