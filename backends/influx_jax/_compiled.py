@@ -216,6 +216,7 @@ class CompiledModel:
         )
         self.grad = jax.jit(jax.grad(self._masked_loss))
         self.hvp = jax.jit(self._hvp)
+        self.ggnvp = jax.jit(self._ggnvp)
         self.mixed = jax.jit(self._mixed)
 
     def _sample_loss(self, theta: Any, x: Any, y: Any) -> Any:
@@ -244,6 +245,33 @@ class CompiledModel:
 
         def single(v: Any) -> Any:
             return jax.jvp(lambda t: gradient(t, x, y, mask), (theta,), (v,))[1]
+
+        return jax.vmap(single)(vectors)
+
+    def _ggnvp(self, theta: Any, x: Any, y: Any, mask: Any, vectors: Any) -> Any:
+        # J^T H_out J v: J v forward (linearize once, then a linear map per
+        # vector), H_out (J v) as a forward-over-reverse product of the masked
+        # mean loss in the outputs, J^T back with one shared VJP.
+        def outputs(t: Any) -> Any:
+            return self._apply(self._unravel(t), x)
+
+        predictions, forward = jax.linearize(outputs, theta)
+        _, backward = jax.vjp(outputs, theta)
+
+        def output_loss(prediction: Any) -> Any:
+            def one(row: Any, target: Any) -> Any:
+                return scalar_loss(self._loss(_one(row), _one(target)))
+
+            losses = jax.vmap(one)(prediction, y)
+            total = jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)))
+            return total / jnp.sum(mask).astype(losses.dtype)
+
+        output_grad = jax.grad(output_loss)
+
+        def single(v: Any) -> Any:
+            tangent = forward(v)
+            curved = jax.jvp(output_grad, (predictions,), (tangent,))[1]
+            return backward(curved)[0]
 
         return jax.vmap(single)(vectors)
 

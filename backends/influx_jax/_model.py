@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,9 @@ from jax.flatten_util import ravel_pytree
 
 from influx._checks import scalar_loss
 from influx.errors import InputError
+from influx.layers import Layer, LayerBatch, Noise
 from influx_jax._compiled import compiled_model, pad_batch, pad_vectors, take_leading
+from influx_jax._layer_batch import LayerStructure, example_of, structure_key
 from influx_jax._libraries import split_model
 
 __all__ = ["JaxTwiceDifferentiable"]
@@ -95,6 +98,11 @@ class JaxTwiceDifferentiable:
         self._compiled = compiled_model(
             self._apply_fn, self._loss, self._unravel, self._theta
         )
+        # Layer structure (found by tracing on a batch of one, see ``layers``):
+        # one LayerStructure per input structure, the first batch's first.
+        self._example: Any = None
+        self._structures: dict[Any, LayerStructure] = {}
+        self._structures_lock = threading.Lock()
         # The user's own batch loss, unpadded: what the loss-convention check
         # compares with the per-sample losses (compiled for the checked batch).
         self._value_and_grad = jax.jit(jax.value_and_grad(self._batch_loss))
@@ -156,34 +164,142 @@ class JaxTwiceDifferentiable:
 
     def per_sample_grads(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
         """Per-sample gradients ``[B, P]`` and losses ``[B]``."""
+        self._remember(x)
         count, x, y, _ = pad_batch(x, y)
         losses, grads = self._compiled.per_sample(self._theta, x, y)
         return take_leading(grads, count), take_leading(losses, count)
 
     def grad(self, x: Any, y: Any) -> jax.Array:
         """Gradient of the batch-mean loss, ``[P]``."""
+        self._remember(x)
         _, x, y, mask = pad_batch(x, y)
         return self._compiled.grad(self._theta, x, y, mask)
 
     def value_and_grad(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
         """Batch-mean loss ``[]`` and its gradient ``[P]`` (optional method)."""
+        self._remember(x)
         return self._value_and_grad(self._theta, x, y)
 
     def hvp(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, P]`` products of the batch-mean Hessian with ``vectors[k]``."""
+        self._remember(x)
         _, x, y, mask = pad_batch(x, y)
         count = int(vectors.shape[0])
         products = self._compiled.hvp(self._theta, x, y, mask, pad_vectors(vectors))
         return take_leading(products, count)
 
+    def ggnvp(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
+        """``[K, P]`` products of the batch-mean Gauss-Newton matrix with ``vectors``.
+
+        ``J^T H_out J v``: ``J`` the Jacobian of the batch's outputs in
+        ``theta``, ``H_out`` the Hessian of the batch-mean loss in the outputs.
+        """
+        self._remember(x)
+        _, x, y, mask = pad_batch(x, y)
+        count = int(vectors.shape[0])
+        products = self._compiled.ggnvp(self._theta, x, y, mask, pad_vectors(vectors))
+        return take_leading(products, count)
+
     def mixed_grads(self, x: Any, y: Any, vectors: jax.Array) -> jax.Array:
         """``[K, B, *S]``: ``grad_x <vectors[k], grad_theta l(x_b, y_b)>``."""
+        self._remember(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(self.dtype)  # gradients in x need a floating x
         count, x, y, mask = pad_batch(x, y)
         k = int(vectors.shape[0])
         mixed = self._compiled.mixed(self._theta, x, y, mask, pad_vectors(vectors))
         return take_leading(take_leading(mixed, k), count, axis=1)
+
+    # -- layer structure (influx.layers.LayerStructured) ---------------------
+
+    def _remember(self, x: Any) -> None:
+        """Keep the first batch's first point: ``layers`` traces on it."""
+        if self._example is None:
+            self._example = example_of(x)
+
+    def _structure(self, example: Any) -> LayerStructure:
+        key = structure_key(example)
+        with self._structures_lock:
+            return self._structure_locked(key, example)
+
+    def _structure_locked(self, key: Any, example: Any) -> LayerStructure:
+        structure = self._structures.get(key)
+        if structure is None:
+            structure = LayerStructure(
+                self._apply_fn, self._params, self._loss, example
+            )
+            first = next(iter(self._structures.values()), None)
+            if first is not None and not first.same_layers(structure):
+                raise InputError(
+                    "The model's layers differ between inputs of different shapes "
+                    f"({[layer.name for layer in first.layers]} against "
+                    f"{[layer.name for layer in structure.layers]}): pass batches of "
+                    "one input shape to layer-structured methods."
+                )
+            self._structures[key] = structure
+        return structure
+
+    def find_layers(self, x: Any) -> list[Layer]:
+        """Trace ``apply_fn`` on ``x[:1]`` and return its layers (see ``layers``)."""
+        self._remember(x)
+        return list(self._structure(example_of(x)).layers)
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The dense and convolution layers found in ``apply_fn``, forward order.
+
+        Found from the jaxpr of ``apply_fn(params, x[:1])`` (see
+        :mod:`influx_jax._layers`): ``dot_general`` and
+        ``conv_general_dilated`` with a parameter leaf as weight, and the bias
+        added to their output; parameters of no layer are the rest. Tracing
+        needs an input: the first batch this wrapper has seen (any method), or
+        :meth:`find_layers`.
+
+        Raises
+        ------
+        InputError
+            If the wrapper has seen no batch yet.
+        """
+        if self._example is None:
+            raise InputError(
+                "The JAX model's layers are found by tracing apply_fn on a batch, "
+                "and this wrapper has seen none yet: call model.find_layers(x) (or "
+                "model.layer_batch(x, y)) with a training batch first."
+            )
+        return list(self._structure(self._example).layers)
+
+    def layer_batch(
+        self, x: Any, y: Any, *, fisher: str = "empirical", noise: Noise | None = None
+    ) -> LayerBatch:
+        """Layer inputs and output gradients of one batch.
+
+        Parameters
+        ----------
+        x, y
+            One batch, ``B`` points.
+        fisher
+            ``"empirical"`` (``S = 1``), ``"ggn"`` (``S = C``, the columns of
+            each point's output-Hessian square root) or ``"mc"`` (``S`` draws
+            ``H^{1/2} eps``, ``eps = noise(B, C)``).
+        noise
+            ``noise(B, C) -> [B, S, C]`` standard normal draws, for ``"mc"``.
+
+        Returns
+        -------
+        LayerBatch
+            ``inputs`` ``[B, T, d_in]`` and ``output_grads`` ``[B, S, T,
+            d_out]`` per layer, ``rest_grads`` ``[B, S, P_rest]``, ``losses``
+            ``[B]``.
+        """
+        self._remember(x)
+        structure = self._structure(example_of(x))
+        leaves = self._leaves()
+        return structure.layer_batch(leaves, x, y, fisher, noise, self.dtype)
+
+    def _leaves(self) -> list[Any]:
+        if not hasattr(self, "_leaf_values"):
+            self._leaf_values = jax.tree_util.tree_leaves(self._unravel(self._theta))
+        return self._leaf_values
 
     def __repr__(self) -> str:
         name = getattr(self._apply_fn, "__qualname__", type(self._apply_fn).__name__)
