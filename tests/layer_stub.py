@@ -297,3 +297,21 @@ def native_grads(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     backend, theta = model.backend, model.parameters
     x, y = backend.asarray(x, like=theta), backend.asarray(y)
     return to_numpy(model.per_sample_grads(x, y)[0])
+
+
+class FlatOnly:
+    """A wrapped model without the layer structure (``layers`` hidden).
+
+    Scoring it takes the flat path (per-sample gradients ``[B, P]``), the
+    reference for the layer-wise path on the same model.
+    """
+
+    HIDDEN = ("layers", "layer_batch", "find_layers")
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.HIDDEN:
+            raise AttributeError(name)
+        return getattr(self._model, name)

@@ -80,8 +80,9 @@ def test_block_equals_the_dense_block_diagonal_reference(backend_name, kind):
     model = model_of(backend_name, kind)
     x, y, train, _ = data(kind)
     lam = 2.0  # every block positive definite
-    reference, groups = block_reference(model, x, y, lam)
+    # Fitted first: a fresh JAX wrapper finds its layers on the first batch.
     inf = influx.Influence(model, "block", lam).fit(train)
+    reference, groups = block_reference(model, x, y, lam)
     grads = per_sample(model, x, y)
     expected = np.linalg.solve(reference, grads.T).T
     assert rel_err(inf.factors(train), expected) < 1e-10
@@ -108,13 +109,16 @@ def test_block_float32(backend_name):
 
 
 class _OneGroup:
-    """A wrapped model whose parameters form a single group ("all")."""
+    """A wrapped model whose parameters form a single group ("all").
+
+    Without layer structure and parameter blocks.
+    """
 
     def __init__(self, model: Any) -> None:
         self._model = model
 
     def __getattr__(self, name: str) -> Any:
-        if name == "parameter_blocks":
+        if name in ("parameter_blocks", "layers", "layer_batch"):
             raise AttributeError(name)
         return getattr(self._model, name)
 
@@ -231,6 +235,7 @@ def test_functional_api_and_host_mode(backend_name):
     model = model_of(backend_name, "mlp")
     train = data("mlp")[2]
     inf = influx.Influence(model, "block", 1.0).fit(train)
+    assert inf.layer_names == list(inf._fitted.state.names)
     if backend_name == "jax":  # host mode: the blocks are numpy
         assert inf._fitted.host
         assert all(isinstance(b.matrix, np.ndarray) for b in inf._fitted.state.blocks)

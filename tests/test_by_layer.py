@@ -2,8 +2,9 @@
 
 Each slice ``[:, :, l]`` is checked against ``factors[:, idx] @ grads[:, idx].T``
 computed in numpy from the factors and the adapter's per-sample gradients; the
-slices sum to ``influences()``. Models: a plain MLP (groups are the parameter
-tensors, flat scoring), and models with the layer structure of
+slices sum to ``influences()``. Models: an MLP without layer structure
+(``FlatOnly``: groups are the parameter tensors, flat scoring), the same MLP
+with the adapter's layers, and models with the layer structure of
 ``tests/layer_stub.py`` (layers, and a rest parameter; layer-wise scoring).
 Batches are uneven (7 points in batches of 3).
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from layer_stub import cnn_ops, layered, mlp_ops, native_grads
+from layer_stub import FlatOnly, cnn_ops, layered, mlp_ops, native_grads
 from models import mlp_weights, to_numpy, wrap_mlp
 
 import influx
@@ -24,8 +25,9 @@ N, T, BATCH = 7, 3, 3
 
 
 def model_of(backend_name: str, kind: str, dtype: str = "float64") -> Any:
-    if kind == "mlp":
-        return wrap_mlp(backend_name, mlp_weights((3, 4, 2), seed=1), dtype=dtype)
+    if kind in ("mlp", "mlp_layers"):
+        model = wrap_mlp(backend_name, mlp_weights((3, 4, 2), seed=1), dtype=dtype)
+        return FlatOnly(model) if kind == "mlp" else model
     if kind == "mlp_rest":
         ops = mlp_ops((3, 4, 2), seed=1, scale=True)
         return layered(backend_name, ops, "mse", dtype)
@@ -48,6 +50,8 @@ def expected_names(backend_name: str, kind: str) -> list[str]:
         if backend_name == "torch":
             return ["0.weight", "0.bias", "2.weight", "2.bias"]
         return ["[0]['b']", "[0]['w']", "[1]['b']", "[1]['w']"]
+    if kind == "mlp_layers":  # the adapters' names of the two nn.Linear / dense
+        return ["0", "2"] if backend_name == "torch" else ["[0]", "[1]"]
     if kind == "mlp_rest":
         return [
             "layer0",
@@ -57,10 +61,10 @@ def expected_names(backend_name: str, kind: str) -> list[str]:
     return ["layer0", "layer3"]
 
 
-@pytest.mark.parametrize("kind", ["mlp", "mlp_rest", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp_layers", "mlp_rest", "cnn"])
 def test_slices_are_the_groups_scores_and_sum_to_the_total(backend_name, kind):
     model = model_of(backend_name, kind)
-    x, y, x_test, y_test = data(kind)
+    x, y, x_test, y_test = data(kind.replace("_layers", ""))
     train = influx.batches(x, y, batch_size=BATCH)
     test = influx.batches(x_test, y_test, batch_size=2)
     inf = influx.Influence(model, "direct", 2.0).fit(train)

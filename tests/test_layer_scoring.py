@@ -1,8 +1,10 @@
 """Scoring from layer inputs and output gradients equals the flat scoring.
 
-The same wrapped model is scored twice: through ``tests/layer_stub.py``'s
-layer structure (``LayerScorer``: no per-sample gradients ``[B, P]``) and
-without it (per-sample gradients of the adapter). Models: a tanh MLP with
+The same wrapped model is scored twice: through a layer structure
+(``LayerScorer``: no per-sample gradients ``[B, P]``) and without it
+(``FlatOnly``: per-sample gradients of the adapter). The layer structure is
+the adapter's own (``"adapter"``) or ``tests/layer_stub.py``'s numpy one
+(``"stub"``, independent of the adapters). Models: a tanh MLP with
 cross-entropy, an MLP with a rest parameter (an output scale) and MSE, and a
 1-D CNN (conv weight sharing over 5 positions); one and four test factors, so
 both contractions run (``S a`` for ``K T <= K + T``, per-sample layer
@@ -16,7 +18,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from layer_stub import LayeredModel, cnn_ops, layered, mlp_ops, torch_network
+from layer_stub import (
+    FlatOnly,
+    LayeredModel,
+    cnn_ops,
+    layered,
+    mlp_ops,
+    torch_network,
+)
 from models import rel_err, to_numpy
 
 import influx
@@ -27,15 +36,26 @@ from influx.methods import InfluenceType
 N, BATCH = 7, 3
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 KINDS = ["mlp", "mlp_rest", "cnn"]
+SOURCES = ["adapter", "stub"]
 
 
-def model_of(backend_name: str, kind: str, dtype: str = "float64") -> LayeredModel:
+def model_of(
+    backend_name: str, kind: str, dtype: str = "float64", source: str = "stub"
+) -> Any:
+    """The network of ``kind`` with the stub's layer structure, or the adapter's."""
     if kind == "mlp":
-        return layered(backend_name, mlp_ops((3, 5, 3), seed=2), "cross_entropy", dtype)
-    if kind == "mlp_rest":
-        ops = mlp_ops((3, 4, 2), seed=1, scale=True)
-        return layered(backend_name, ops, "mse", dtype)
-    return layered(backend_name, cnn_ops(seed=1), "cross_entropy", dtype)
+        ops, loss = mlp_ops((3, 5, 3), seed=2), "cross_entropy"
+    elif kind == "mlp_rest":
+        ops, loss = mlp_ops((3, 4, 2), seed=1, scale=True), "mse"
+    else:
+        ops, loss = cnn_ops(seed=1), "cross_entropy"
+    model = layered(backend_name, ops, loss, dtype)
+    return model if source == "stub" else model._model
+
+
+def flat(model: Any) -> FlatOnly:
+    """The same wrapped model without layer structure."""
+    return FlatOnly(model._model if isinstance(model, LayeredModel) else model)
 
 
 def data(kind: str, dtype: str = "float64", count: int = N) -> tuple[Any, Any]:
@@ -47,20 +67,21 @@ def data(kind: str, dtype: str = "float64", count: int = N) -> tuple[Any, Any]:
     return x, rng.integers(0, 3, count)
 
 
-def both(model: LayeredModel, train: Any, factors: Any, **options: Any) -> Any:
+def both(model: Any, train: Any, factors: Any) -> Any:
     """(layer-wise, flat) scores of ``train``, float64 numpy."""
-    layer = score(InfluenceType.Up, model, train, factors, False, "data", **options)
-    flat = score(
-        InfluenceType.Up, model._model, train, factors, False, "data", **options
-    )
-    return to_numpy(layer), to_numpy(flat)
+    layer = score(InfluenceType.Up, model, train, factors, False, "data")
+    reference = score(InfluenceType.Up, flat(model), train, factors, False, "data")
+    return to_numpy(layer), to_numpy(reference)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("count", [1, 4])
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_scoring_equals_the_flat_scoring(backend_name, kind, count, dtype):
-    model = model_of(backend_name, kind, dtype)
+@pytest.mark.parametrize("source", SOURCES)
+def test_layer_scoring_equals_the_flat_scoring(
+    backend_name, source, kind, count, dtype
+):
+    model = model_of(backend_name, kind, dtype, source)
     x, y = data(kind, dtype)
     train = influx.batches(x, y, batch_size=BATCH)
     factors = np.random.default_rng(4).standard_normal((count, model.num_params))
@@ -78,7 +99,7 @@ def test_native_jax_path(backend_name, kind, monkeypatch):
     # same code runs on JAX arrays, as on an accelerator.
     if backend_name != "jax":
         pytest.skip("the host mode is JAX's")
-    model = model_of(backend_name, kind)
+    model = model_of(backend_name, kind, source="adapter")
     x, y = data(kind)
     train = influx.batches(x, y, batch_size=BATCH)
     factors = np.random.default_rng(4).standard_normal((4, model.num_params))
@@ -102,16 +123,17 @@ def test_native_jax_path(backend_name, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["direct", "block"])
-def test_influence_queries_use_the_layers(backend_name, method):
+@pytest.mark.parametrize("source", SOURCES)
+def test_influence_queries_use_the_layers(backend_name, source, method):
     # influences and top_k of Influence through the layers equal the flat
     # scoring of the same factors (block's groups are the layers here).
-    model = model_of(backend_name, "mlp_rest")
+    model = model_of(backend_name, "mlp_rest", source=source)
     x, y = data("mlp_rest", count=N + 3)
     train = influx.batches(x[:N], y[:N], batch_size=BATCH)
     test = influx.batches(x[N:], y[N:])
     inf = influx.Influence(model, method, 3.0).fit(train)
     factors = inf.factors(test)
-    expected = to_numpy(influx.compute_influences_up(model._model, train, factors))
+    expected = to_numpy(influx.compute_influences_up(flat(model), train, factors))
     assert rel_err(inf.influences(test), expected) < 1e-10
     assert (
         rel_err(influx.compute_influences_up(model, train, factors), expected) < 1e-10
@@ -122,14 +144,15 @@ def test_influence_queries_use_the_layers(backend_name, method):
     assert rel_err(values, np.take_along_axis(expected, order, 1)) < 1e-10
 
 
-def test_no_per_sample_gradients_of_whole_batches(backend_name, monkeypatch):
+@pytest.mark.parametrize("source", SOURCES)
+def test_no_per_sample_gradients_of_whole_batches(backend_name, source, monkeypatch):
     # Only the loss convention check takes per-sample gradients, of at most
     # LOSS_CHECK_ENTRIES // P points of the first batch.
-    model = model_of(backend_name, "mlp")
+    model = model_of(backend_name, "mlp", source=source)
     x, y = data("mlp")
     train = influx.batches(x, y, batch_size=BATCH)
     calls: list[int] = []
-    original = model._model.per_sample_grads
+    original = model.per_sample_grads
 
     def counted(xb: Any, yb: Any) -> Any:
         calls.append(int(xb.shape[0]))

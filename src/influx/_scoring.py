@@ -75,24 +75,28 @@ def check_out_by_layer(
     if out is None:
         return
     check_out(out)
-    names = [name for name, _ in parameter_groups(model)]
+    try:
+        names: list[str] | None = [name for name, _ in parameter_groups(model)]
+    except InputError:  # layers found by tracing a batch (JAX), none seen yet
+        names = None
     got = tuple(int(n) for n in out.shape)
     if rows is None:
         counted = count_points(test_data)
         rows = None if counted is None else counted[0]
     inputs = count_points(input_data)
     points = None if inputs is None else inputs[0]
-    expected = (rows, points, len(names))
+    expected = (rows, points, None if names is None else len(names))
     if len(got) == 3 and all(
         e is None or g == e for g, e in zip(got, expected, strict=True)
     ):
         return
     shown = tuple("?" if e is None else e for e in expected)
-    listed = ", ".join(map(repr, names[:6])) + (", ..." if len(names) > 6 else "")
+    listed = "" if names is None else ": " + ", ".join(map(repr, names[:6]))
+    listed += ", ..." if names is not None and len(names) > 6 else ""
     raise InputError(
         f"out has shape {got} but the result of by_layer=True is [N_test, M, L] = "
-        f"{shown} (N_test test points or influence factors, M input points, L="
-        f"{len(names)} parameter groups: {listed}). Allocate out with that shape."
+        f"{shown} (N_test test points or influence factors, M input points, L "
+        f"parameter groups{listed}). Allocate out with that shape."
     )
 
 
@@ -242,11 +246,11 @@ def up_blocks(
     else:
         compute = factors if wide == factors.dtype else xp.astype(factors, wide)
         out_dtype = factors.dtype
-    groups = parameter_groups(model) if by_layer else None
-    if has_layers(model):
-        scorer = LayerScorer(model, compute, groups)
+    if offers_layers(model):
+        scorer = LayerScorer(model, compute, by_layer=by_layer)
         blocks = scorer.blocks(reader, progress, desc, host=host_factors is not None)
     else:
+        groups = parameter_groups(model) if by_layer else None
         blocks = _flat_blocks(model, reader, compute, groups, progress, desc)
     for block in blocks:
         if host_factors is None and block.dtype != out_dtype:
@@ -314,28 +318,32 @@ class LayerScorer:
     convention once per data argument (on at most ``2**24 // P`` points of
     the first batch of two or more).
 
+    The layers are read after the first batch's :meth:`layer_batch` (an
+    adapter may find them by tracing a batch, as JAX's does).
+
     Parameters
     ----------
     model
         A wrapped model with the layer structure.
     factors
         ``[K, P]``, host (numpy) or native, in the dtype of the products.
-    groups
-        :func:`influx.layers.parameter_groups` of the model for per-group
-        scores ``[K, B, L]``, or ``None`` for the total ``[K, B]``.
+    by_layer
+        Blocks ``[K, B, L]``, one column per group of
+        :func:`influx.layers.parameter_groups`, instead of ``[K, B]``.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        factors: Any,
-        groups: list[tuple[str, np.ndarray]] | None = None,
-    ) -> None:
-        self.model = model
-        self.layout = LayerLayout(model.layers, int(model.num_params))
+    def __init__(self, model: Any, factors: Any, *, by_layer: bool = False) -> None:
+        self.model, self.factors, self.by_layer = model, factors, by_layer
         xp = array_namespace(factors)
         self.xp, self.dtype = xp, factors.dtype
         self.count = int(factors.shape[0])
+        self.prepared = False
+
+    def _prepare(self) -> None:
+        """Split the factors by the model's layers (once, on the first batch)."""
+        xp, factors = self.xp, self.factors
+        self.layout = LayerLayout(self.model.layers, int(self.model.num_params))
+        groups = parameter_groups(self.model) if self.by_layer else None
         blocks, rest = self.layout.split(factors)
         self.weights: list[Any] = []  # [K * d_out, d_in] per layer
         self.biases: list[Any] = []  # [K * d_out] or None per layer
@@ -357,7 +365,7 @@ class LayerScorer:
             for pos in rest_positions
             if pos.size
         ]
-        self.by_layer = groups is not None
+        self.factors, self.prepared = None, True
 
     def blocks(
         self, reader: DataReader, progress: bool, desc: str, *, host: bool
@@ -368,6 +376,8 @@ class LayerScorer:
         batches = progress_iter(reader, progress, desc, total=reader.num_batches)
         for index, x, y in batches:
             batch = evaluate(name, index, x, model.layer_batch, x, y)
+            if not self.prepared:
+                self._prepare()
             check(index, *_loss_check_points(x, y, int(model.num_params)))
             arrays = _batch_arrays(batch, host, self.xp, self.dtype)
             _check_batch(arrays, f"{name} batch {index}")
@@ -428,6 +438,19 @@ class LayerScorer:
         if bias is not None:
             scores = scores + xp.reshape(bias, (k, d_out)) @ xp.sum(g, axis=1).T
         return scores
+
+
+def offers_layers(model: Any) -> bool:
+    """Whether ``model`` has the layer structure (:func:`influx.layers.has_layers`).
+
+    An adapter whose ``layers`` needs a batch first (JAX traces one) raises
+    an :class:`~influx.InputError` from it: it offers the structure, read after
+    a :meth:`layer_batch`.
+    """
+    try:
+        return has_layers(model)
+    except InputError:
+        return callable(getattr(model, "layer_batch", None))
 
 
 def _loss_check_points(x: Any, y: Any, num_params: int) -> tuple[Any, Any]:

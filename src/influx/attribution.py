@@ -352,7 +352,9 @@ class Influence:
         recognised layers (weight and bias together), when its adapter offers
         the layer structure, then each remaining parameter tensor (a model
         without the layer structure: each parameter tensor); see
-        :func:`influx.layers.parameter_groups`.
+        :func:`influx.layers.parameter_groups`. An adapter that finds its
+        layers by tracing a batch (JAX) knows them once the model has seen
+        one (after :meth:`fit`).
         """
         return [name for name, _ in parameter_groups(self._model)]
 

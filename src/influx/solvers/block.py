@@ -19,6 +19,7 @@ from array_api_compat import device as array_device
 
 from influx._memory import GIB, available_memory
 from influx._progress import progress_iter
+from influx.data import DataReader
 from influx.errors import InputError, NotPositiveDefiniteWarning
 from influx.layers import parameter_groups
 from influx.operators import IDENTITY_CHUNK, DenseOperator, LinearOperator
@@ -116,7 +117,7 @@ class BlockSolver(Solver):
                 "parameter tensors: pass model= to init (influx.Influence.fit "
                 "does)."
             )
-        groups = parameter_groups(model)
+        groups = _model_groups(model, training_data)
         if int(model.num_params) != operator.size:
             raise InputError(
                 f"The model has {model.num_params} parameters but the operator "
@@ -154,6 +155,25 @@ class BlockSolver(Solver):
             },
         )
         return x, info
+
+
+def _model_groups(model: Any, training_data: Any) -> list[tuple[str, np.ndarray]]:
+    """:func:`~influx.layers.parameter_groups` of ``model``.
+
+    An adapter that finds its layers by tracing a batch (JAX) raises an
+    :class:`~influx.InputError` until it has seen one: it is shown the first
+    training batch (one :meth:`layer_batch`) and asked again.
+    """
+    try:
+        return parameter_groups(model)
+    except InputError:
+        if training_data is None or not callable(getattr(model, "layer_batch", None)):
+            raise
+    reader = DataReader(training_data, "training_data", model.backend, model.parameters)
+    for _, x, y in reader:
+        model.layer_batch(x, y)
+        break
+    return parameter_groups(model)
 
 
 def factorise_blocks(
