@@ -164,7 +164,7 @@ def main() -> None:
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-3000:])
-            raise SystemExit(f"{mode} failed")
+            raise SystemExit(f"{mode} failed with exit status {done.returncode}")
         record = json.loads(done.stdout.strip().splitlines()[-1])
         records[mode] = record
         print(

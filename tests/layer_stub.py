@@ -274,13 +274,18 @@ def mlp_ops(sizes: tuple[int, ...], seed: int = 0, scale: bool = False) -> list[
     return ops
 
 
+#: Input channels and length of :func:`cnn_ops`' inputs ``[B, 2, 7]``.
+CNN_INPUT = (2, 7)
+
+
 def cnn_ops(
-    channels: int = 2, length: int = 7, width: int = 3, outputs: int = 3, seed: int = 0
+    channels: int = 2, width: int = 3, outputs: int = 3, seed: int = 0
 ) -> list[Op]:
-    """conv1d(1 -> channels) - tanh - flatten - linear; input ``[B, 1, length]``."""
+    """conv1d(2 -> channels) - tanh - flatten - linear; inputs ``[B, 2, 7]``."""
     rng = np.random.default_rng(seed)
+    c_in, length = CNN_INPUT
     positions = length - width + 1
-    conv = rng.standard_normal((channels, 1, width)) / np.sqrt(width)
+    conv = rng.standard_normal((channels, c_in, width)) / np.sqrt(c_in * width)
     dense = rng.standard_normal((outputs, channels * positions)) / np.sqrt(
         channels * positions
     )

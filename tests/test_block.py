@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from layer_stub import cnn_ops, layered, mlp_ops
+from layer_stub import CNN_INPUT, cnn_ops, layered, mlp_ops
 from models import batch_hessian, rel_err, spd_matrix, to_numpy, wrap_mlp
 
 import influx
@@ -31,7 +31,7 @@ N, BATCH = 7, 3
 def data(model_kind: str, dtype: str = "float64") -> tuple[Any, Any, Any, Any]:
     rng = np.random.default_rng(0)
     if model_kind == "cnn":
-        x = rng.standard_normal((N, 1, 7)).astype(dtype)
+        x = rng.standard_normal((N, *CNN_INPUT)).astype(dtype)
         y = rng.integers(0, 3, N)
     else:
         x = rng.standard_normal((N, 3)).astype(dtype)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from layer_stub import FlatOnly, cnn_ops, layered, mlp_ops, native_grads
+from layer_stub import CNN_INPUT, FlatOnly, cnn_ops, layered, mlp_ops, native_grads
 from models import mlp_weights, to_numpy, wrap_mlp
 
 import influx
@@ -36,7 +36,7 @@ def model_of(backend_name: str, kind: str, dtype: str = "float64") -> Any:
 
 def data(kind: str, dtype: str = "float64") -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(0)
-    shape = (1, 7) if kind == "cnn" else (3,)
+    shape = CNN_INPUT if kind == "cnn" else (3,)
     x = rng.standard_normal((N + T, *shape)).astype(dtype)
     if kind == "cnn":
         y = rng.integers(0, 3, N + T)

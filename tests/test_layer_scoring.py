@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from layer_stub import (
+    CNN_INPUT,
     FlatOnly,
     LayeredModel,
     cnn_ops,
@@ -60,7 +61,7 @@ def flat(model: Any) -> FlatOnly:
 
 def data(kind: str, dtype: str = "float64", count: int = N) -> tuple[Any, Any]:
     rng = np.random.default_rng(3)
-    shape = (1, 7) if kind == "cnn" else (3,)
+    shape = CNN_INPUT if kind == "cnn" else (3,)
     x = rng.standard_normal((count, *shape)).astype(dtype)
     if kind == "mlp_rest":
         return x, rng.standard_normal((count, 2)).astype(dtype)
@@ -199,3 +200,22 @@ def test_loss_convention_is_checked(backend_name):
         score(
             InfluenceType.Up, model, train, np.ones((1, model.num_params)), False, "d"
         )
+
+
+@pytest.mark.parametrize(
+    ("count", "positions", "outputs"),
+    [(1, 4, True), (3, 4, False), (2, 1, True), (8, 1, False), (1, 9, False)],
+)
+def test_both_contractions_against_einsum(count, positions, outputs):
+    # One layer (d_out 5, d_in 6, bias): <S_k, sum_t g_t a_t^T> by einsum.
+    assert _scoring.contract_outputs(count, positions, 6) is outputs
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((4, positions, 6))
+    g = rng.standard_normal((4, 1, positions, 5))
+    weight, bias = rng.standard_normal((count, 5, 6)), rng.standard_normal((count, 5))
+    scorer = _scoring.LayerScorer(None, np.zeros((count, 1)))
+    got = scorer._layer(weight.reshape(-1, 6), bias.reshape(-1), a, g)
+    grads = np.einsum("bto,bti->boi", g[:, 0], a)
+    expected = np.einsum("koi,boi->kb", weight, grads)
+    expected += np.einsum("ko,bo->kb", bias, g[:, 0].sum(axis=1))
+    assert rel_err(got, expected) < 1e-13

@@ -307,11 +307,13 @@ class LayerScorer:
     :class:`influx.layers.LayerLayout`; per layer and batch the cheaper of two
     contractions runs:
 
-    - ``K T <= K + T`` (dense layers, ``T = 1``): the products ``S_k a[n, t]``,
-      ``[B, T, K, d_out]``, contracted with ``g``; ``O(K B T d_out d_in)``;
+    - ``K T <= K + T`` and ``K T <= d_in`` (dense layers, ``T = 1``, with
+      fewer test points than inputs): the products ``S_k a[n, t]``, ``[B, T,
+      K, d_out]``, contracted with ``g``; ``O(K B T d_out d_in)`` time and
+      ``K B T d_out`` memory;
     - otherwise (convolutions, many test points): the per-sample layer
       gradients ``G_n`` ``[B, d_out, d_in]``, then ``G @ S^T``;
-      ``O((T + K) B d_out d_in)``.
+      ``O((T + K) B d_out d_in)`` time, ``B d_out d_in`` memory.
 
     Per-sample gradients ``[B, P]`` are never formed. Each batch is checked
     like :func:`gradients`: its losses and gradients finite, the loss
@@ -420,7 +422,7 @@ class LayerScorer:
         count, positions, d_in = (int(n) for n in a.shape)
         d_out = int(g.shape[-1])
         k = self.count
-        if k * positions <= k + positions:
+        if contract_outputs(k, positions, d_in):
             # S_k a[n, t] for every k: [B * T, K * d_out], contracted with g.
             outputs = xp.reshape(a, (count * positions, d_in)) @ weight.T
             if bias is not None:
@@ -438,6 +440,17 @@ class LayerScorer:
         if bias is not None:
             scores = scores + xp.reshape(bias, (k, d_out)) @ xp.sum(g, axis=1).T
         return scores
+
+
+def contract_outputs(count: int, positions: int, d_in: int) -> bool:
+    """Whether :class:`LayerScorer` contracts ``S_k a[n, t]`` with ``g`` for a layer.
+
+    ``K T <= K + T`` (fewer operations than the per-sample layer gradients)
+    and ``K T <= d_in`` (no more memory): ``K`` factors, ``T`` positions,
+    ``d_in`` inputs per position.
+    """
+    work = count * positions
+    return work <= count + positions and work <= d_in
 
 
 def offers_layers(model: Any) -> bool:
