@@ -17,6 +17,12 @@ call) is its own. The factors are random: scoring does not depend on where
 they come from. The two results are compared (max relative difference).
 Threads: ``--threads`` (default 1, torch and XLA alike). The load average is
 printed, as the machine may be shared.
+
+Measured on the 2-core development machine (load average about 5, shared):
+torch flat 46.5 s and +8,223 MiB, layers 2.8 s cold, 1.4 s warm and +414 MiB;
+JAX flat 40.9 s and +6,659 MiB, layers 4.4 s cold, 1.3 s warm and +424 MiB;
+results equal to 1.4e-6 (float32). The flat runs are single samples (slower
+than 30 s, so not repeated).
 """
 
 from __future__ import annotations

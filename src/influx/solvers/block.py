@@ -94,7 +94,9 @@ class BlockSolver(Solver):
     |b|^2`` instead of ``P^2`` and factorisation ``sum_b |b|^3`` instead of
     ``P^3``; a solve of ``K`` right-hand sides costs ``O(K sum_b |b|^2)``.
     The approximation drops the curvature between the groups; with a single
-    group it is the direct solve. Needs the ``model`` in ``init``
+    group it is the direct solve. The blocks are those of whatever operator
+    it is given: the Hessian, or the Gauss-Newton matrix with
+    ``curvature="ggn"``. Needs the ``model`` in ``init``
     (:meth:`influx.Influence.fit` passes it).
     """
 
