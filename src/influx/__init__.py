@@ -34,6 +34,7 @@ from influx.operators import HessianOperator, LinearOperator
 from influx.protocols import Backend, TwiceDifferentiable
 from influx.solvers import (
     ArnoldiSolver,
+    BlockSolver,
     CgSolver,
     DirectSolver,
     LissaSolver,
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArnoldiSolver",
+    "BlockSolver",
     "Backend",
     "BackendNotInstalledError",
     "Batches",

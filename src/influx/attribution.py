@@ -12,6 +12,7 @@ of :func:`influx.compute_influences`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -29,7 +30,9 @@ from array_api_compat import array_namespace
 from influx._host import computes_on_host
 from influx._output import check_out_up_front
 from influx._scoring import (
+    BY_LAYER_UP_ONLY,
     check_model,
+    check_out_by_layer,
     check_regularization,
     concat,
     gradients,
@@ -40,6 +43,7 @@ from influx._scoring import (
 )
 from influx.data import DataReader
 from influx.errors import InputError
+from influx.layers import parameter_groups
 from influx.methods import InfluenceType, parse_influence_type
 from influx.operators import (
     HessianOperator,
@@ -50,6 +54,7 @@ from influx.operators import (
 from influx.protocols import TwiceDifferentiable
 from influx.solvers import (
     ArnoldiSolver,
+    BlockSolver,
     CgSolver,
     DirectSolver,
     EkfacSolver,
@@ -60,6 +65,7 @@ from influx.solvers import (
     make_solver,
 )
 from influx.solvers import arnoldi as _arnoldi
+from influx.solvers import block as _block
 from influx.solvers import cg as _cg
 from influx.solvers import direct as _direct
 from influx.solvers import kfac as _kfac
@@ -87,9 +93,9 @@ class Influence:
     model
         A wrapped model (:func:`influx.twice_differentiable`).
     method
-        ``"direct"`` (default), ``"cg"``, ``"lissa"``, ``"arnoldi"`` (or an
-        :class:`~influx.InversionMethod`), or a :class:`~influx.Solver`
-        instance, which is used as is.
+        ``"direct"`` (default), ``"cg"``, ``"lissa"``, ``"arnoldi"``,
+        ``"block"`` (or an :class:`~influx.InversionMethod`), or a
+        :class:`~influx.Solver` instance, which is used as is.
     hessian_regularization
         ``lambda >= 0`` added to the Hessian's diagonal.
     curvature
@@ -321,6 +327,7 @@ class Influence:
         influence_type: InfluenceType | str = InfluenceType.Up,
         out: Any = None,
         measurement: Measurement | None = None,
+        by_layer: bool = False,
     ) -> Any:
         """Influence of every input point on every test point.
 
@@ -338,25 +345,60 @@ class Influence:
             shape that takes it block by block; it is returned.
         measurement
             See :meth:`factors`.
+        by_layer
+            Split each up-weighting influence ``<s_test, grad l(z)>`` over the
+            parameter groups of :attr:`layer_names` (each layer's weight and
+            bias, then each remaining parameter tensor): the result gets a
+            last axis ``L`` that sums to the total (to rounding). Up-weighting
+            only; ``out`` must then be ``[N_test, M, L]``.
 
         Returns
         -------
         Any
-            Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, *S]`` for
-            ``"perturbation"``; ``out`` when given.
+            Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, L]`` with
+            ``by_layer``, ``[N_test, M, *S]`` for ``"perturbation"``; ``out``
+            when given.
         """
         kind = parse_influence_type(influence_type)
+        if not isinstance(by_layer, bool | np.bool_):
+            raise TypeError(f"by_layer must be True or False, got {by_layer!r}.")
+        if by_layer and kind is not InfluenceType.Up:
+            raise InputError(BY_LAYER_UP_ONLY)
         fitted = self._require_fitted()
         data, name = self._input(fitted, input_data)
-        check_out_up_front(out, kind is InfluenceType.Up, data, test_data=test_data)
+        if by_layer:
+            check_out_by_layer(out, self._model, data, test_data=test_data)
+        else:
+            check_out_up_front(out, kind is InfluenceType.Up, data, test_data=test_data)
         factors = self.factors(test_data, measurement=measurement)
-        return self._score(kind, data, name, factors, out)
+        return self._score(kind, data, name, factors, out, bool(by_layer))
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the parameter groups of ``influences(..., by_layer=True)``.
+
+        One per entry of the result's last axis ``L``, in order: the model's
+        recognised layers (weight and bias together), when its adapter offers
+        the layer structure, then each remaining parameter tensor (a model
+        without the layer structure: each parameter tensor); see
+        :func:`influx.layers.parameter_groups`. An adapter that finds its
+        layers by tracing a batch (JAX) knows them once the model has seen
+        one (after :meth:`fit`).
+        """
+        return [name for name, _ in parameter_groups(self._model)]
 
     def _score(
-        self, kind: InfluenceType, data: Any, name: str, factors: Any, out: Any
+        self,
+        kind: InfluenceType,
+        data: Any,
+        name: str,
+        factors: Any,
+        out: Any,
+        by_layer: bool = False,
     ) -> Any:
         """Influences of ``kind`` of ``data`` for ``factors`` (the shared loop)."""
-        return score(kind, self._guarded, data, factors, self._progress, name, out)
+        model, progress = self._guarded, self._progress
+        return score(kind, model, data, factors, progress, name, out, by_layer=by_layer)
 
     def self_influence(self, data: Any) -> Any:
         """``<H^{-1} g_i, g_i>`` of every point, ``g_i = grad l(z_i)``; ``[N]``.
@@ -815,6 +857,10 @@ def _guard(model: TwiceDifferentiable) -> TwiceDifferentiable:
     return _Serialised(model, lock)
 
 
+#: Optional adapter methods that evaluate the model, serialised like the rest.
+_OPTIONAL_DERIVATIVES = frozenset({"ggnvp", "layer_batch", "value_and_grad", "grad"})
+
+
 class _Serialised:
     """A :class:`~influx.TwiceDifferentiable` whose derivatives hold a lock."""
 
@@ -849,16 +895,15 @@ class _Serialised:
         with self._call_lock:
             return self._wrapped.mixed_grads(x, y, vectors)
 
-    def ggnvp(self, x: Any, y: Any, vectors: Any) -> Any:
-        with self._call_lock:
-            return self._wrapped.ggnvp(x, y, vectors)
-
-    def layer_batch(self, x: Any, y: Any, **options: Any) -> Any:
-        with self._call_lock:
-            return self._wrapped.layer_batch(x, y, **options)
-
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
+        found = getattr(self._wrapped, name)
+        if name in _OPTIONAL_DERIVATIVES:  # present only if the model has them
+            return functools.partial(self._locked, found)
+        return found
+
+    def _locked(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self._call_lock:
+            return method(*args, **kwargs)
 
 
 # -- per-method pieces -------------------------------------------------------------
@@ -868,6 +913,8 @@ def _quadratic_form(solver: Solver, state: Any, grads: Any) -> Any | None:
     """``<A^{-1} g_k, g_k>`` from a factorised state, or ``None`` to solve."""
     if isinstance(state, _direct.DirectState):
         return _direct.quadratic_form(state, grads)
+    if isinstance(state, _block.BlockState):
+        return _block.quadratic_form(state, grads)
     if isinstance(solver, ArnoldiSolver) and isinstance(state, _arnoldi.ArnoldiState):
         return _arnoldi.quadratic_form(solver, state, grads)
     if isinstance(state, _kfac.KfacState):
@@ -882,6 +929,7 @@ _STATE_IO: list[tuple[type[Solver], Any, Any]] = [
     (ArnoldiSolver, _arnoldi.export_state, _arnoldi.import_state),
     (KfacSolver, _kfac.export_state, _kfac.import_state),
     (EkfacSolver, _kfac.export_state, _kfac.import_state),
+    (BlockSolver, _block.export_state, _block.import_state),
 ]
 
 
@@ -891,7 +939,8 @@ def _state_io(solver: Solver) -> tuple[Any, Any]:
             return exporter, importer
     raise TypeError(
         f"cannot save or load the state of {type(solver).__name__}: only the "
-        "built-in solvers (direct, cg, lissa, arnoldi, kfac, ekfac) can be saved."
+        "built-in solvers (direct, cg, lissa, arnoldi, block, kfac, ekfac) can "
+        "be saved."
     )
 
 

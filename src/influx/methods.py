@@ -21,6 +21,7 @@ class InversionMethod(str, Enum):
     Arnoldi = "arnoldi"
     Kfac = "kfac"
     Ekfac = "ekfac"
+    Block = "block"
 
     def __str__(self) -> str:
         return self.value

@@ -16,6 +16,7 @@ from influx.errors import InputError
 from influx.methods import InversionMethod
 from influx.solvers._base import SolveInfo, Solver
 from influx.solvers.arnoldi import ArnoldiSolver
+from influx.solvers.block import BlockSolver
 from influx.solvers.cg import CgSolver
 from influx.solvers.direct import DirectSolver
 from influx.solvers.kfac import EkfacSolver, KfacSolver
@@ -24,6 +25,7 @@ from influx.solvers.preconditioners import NystromPreconditioner, Preconditioner
 
 __all__ = [
     "ArnoldiSolver",
+    "BlockSolver",
     "CgSolver",
     "DirectSolver",
     "EkfacSolver",
@@ -46,6 +48,7 @@ SOLVERS: dict[str, type[Solver]] = {
     InversionMethod.Arnoldi.value: ArnoldiSolver,
     InversionMethod.Kfac.value: KfacSolver,
     InversionMethod.Ekfac.value: EkfacSolver,
+    InversionMethod.Block.value: BlockSolver,
 }
 
 
