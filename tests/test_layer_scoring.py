@@ -30,7 +30,7 @@ from layer_stub import (
 from models import rel_err, to_numpy
 
 import influx
-from influx import _scoring
+from influx import _loss_check, _scoring
 from influx._scoring import score
 from influx.methods import InfluenceType
 
@@ -160,7 +160,7 @@ def test_no_per_sample_gradients_of_whole_batches(backend_name, source, monkeypa
         return original(xb, yb)
 
     model.per_sample_grads = counted  # type: ignore[method-assign]
-    monkeypatch.setattr(_scoring, "LOSS_CHECK_ENTRIES", 2 * model.num_params)
+    monkeypatch.setattr(_loss_check, "LOSS_CHECK_ENTRIES", 2 * model.num_params)
     factors = np.ones((2, model.num_params))
     score(InfluenceType.Up, model, train, factors, False, "data")
     assert calls == [2]

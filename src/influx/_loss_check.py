@@ -24,7 +24,12 @@ from influx._host import host_view
 from influx.errors import InputError
 from influx.protocols import TwiceDifferentiable
 
-__all__ = ["LossConventionCheck", "describe_loss"]
+__all__ = [
+    "LOSS_CHECK_ENTRIES",
+    "LossConventionCheck",
+    "check_points",
+    "describe_loss",
+]
 
 #: How the fix reads for each kind of mismatch.
 _MEAN_FIX = (
@@ -75,6 +80,21 @@ def tolerance(dtype: Any, xp: Any) -> float:
     reduction, class weights or broadcasting targets move them by O(1).
     """
     return float(xp.finfo(dtype).eps) ** 0.25
+
+
+#: Largest ``B * P`` for which the loss convention is checked on a whole batch
+#: where no per-sample gradients are computed anyway (layer-wise scoring,
+#: K-FAC, Hessian products); beyond it, on the batch's first ``2**24 // P``
+#: points (at least 2), so that the check's per-sample gradients stay small.
+LOSS_CHECK_ENTRIES = 1 << 24
+
+
+def check_points(x: Any, y: Any, num_params: int) -> tuple[Any, Any]:
+    """``(x, y)``, or their first points when the check's ``[B, P]`` is large."""
+    keep = max(2, LOSS_CHECK_ENTRIES // max(num_params, 1))
+    if not (hasattr(x, "shape") and hasattr(y, "shape")) or int(x.shape[0]) <= keep:
+        return x, y
+    return x[:keep], y[:keep]
 
 
 class LossConventionCheck:

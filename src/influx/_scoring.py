@@ -21,7 +21,7 @@ from array_api_compat import device as array_device
 
 from influx._checks import ensure_finite, evaluate
 from influx._host import host_view
-from influx._loss_check import LossConventionCheck
+from influx._loss_check import LossConventionCheck, check_points
 from influx._output import BlockSink, check_out, check_out_up_front, count_points
 from influx._progress import progress_iter
 from influx.backends import check_model_backend
@@ -290,12 +290,6 @@ def _flat_blocks(
         yield xp.stack(columns, axis=-1)
 
 
-#: Largest ``B * P`` for which the loss convention is checked on a whole batch
-#: in the layer-wise scoring; beyond it, on the batch's first ``2**24 // P``
-#: points (at least 2), so that the check's per-sample gradients stay small.
-LOSS_CHECK_ENTRIES = 1 << 24
-
-
 class LayerScorer:
     """Up-weighting scores from layer inputs and output gradients.
 
@@ -380,7 +374,7 @@ class LayerScorer:
             batch = evaluate(name, index, x, model.layer_batch, x, y)
             if not self.prepared:
                 self._prepare()
-            check(index, *_loss_check_points(x, y, int(model.num_params)))
+            check(index, *check_points(x, y, int(model.num_params)))
             arrays = _batch_arrays(batch, host, self.xp, self.dtype)
             _check_batch(arrays, f"{name} batch {index}")
             yield self.score(*arrays)
@@ -464,14 +458,6 @@ def offers_layers(model: Any) -> bool:
         return has_layers(model)
     except InputError:
         return callable(getattr(model, "layer_batch", None))
-
-
-def _loss_check_points(x: Any, y: Any, num_params: int) -> tuple[Any, Any]:
-    """``(x, y)``, or their first points when the check's ``[B, P]`` is large."""
-    keep = max(2, LOSS_CHECK_ENTRIES // max(num_params, 1))
-    if not (hasattr(x, "shape") and hasattr(y, "shape")) or int(x.shape[0]) <= keep:
-        return x, y
-    return x[:keep], y[:keep]
 
 
 def _batch_arrays(

@@ -24,7 +24,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
 from influx._checks import check_parameters, ensure_finite, evaluate
-from influx._loss_check import LossConventionCheck
+from influx._loss_check import LossConventionCheck, check_points
 from influx._memory import check_dense_fits
 from influx._progress import progress_iter
 from influx.data import DataReader
@@ -545,7 +545,7 @@ class HessianOperator(ModelPlacedOperator):
         xp = array_namespace(vectors)
         name = self.reader.name
         model_vectors = xp.astype(vectors, self.dtype)
-        self._loss_check(index, x, y)
+        self._loss_check(index, *check_points(x, y, self.size))
         compute = self.model.ggnvp if self.curvature == "ggn" else self.model.hvp
         product = evaluate(name, index, x, self._native, compute, x, y, model_vectors)
         ensure_finite(product, f"{name} batch {index}: {what}")

@@ -57,7 +57,7 @@ from array_api_compat import array_namespace
 from influx._checks import ensure_finite, evaluate
 from influx._host import host_view
 from influx._kronecker import check_batch, correction_sums, factor_sums
-from influx._loss_check import LossConventionCheck
+from influx._loss_check import LossConventionCheck, check_points
 from influx._progress import progress_iter
 from influx.data import DataReader
 from influx.errors import InputError
@@ -306,7 +306,7 @@ class KfacSolver(Solver):
         for index, x, y in batches:
             count = int(x.shape[0])
             if loss_check is not None:
-                loss_check(index, x, y)
+                loss_check(index, *check_points(x, y, int(model.num_params)))
             noise = None
             if self.fisher == "mc":
                 noise = functools.partial(_draw, seed, index, self.mc_samples)
