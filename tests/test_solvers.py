@@ -438,7 +438,7 @@ def test_lissa_rejects_non_positive_definite():
 
 # -- make_solver --------------------------------------------------------------
 
-# The seed's options, plus influx's additions (CG's preconditioner; Arnoldi's
+# The seed's options, plus influx's additions (CG's preconditioner and block; Arnoldi's
 # eigensolver, remainder and seed).
 SEED_OPTIONS = {
     "cg": {
@@ -447,6 +447,7 @@ SEED_OPTIONS = {
         "maxiter": 17,
         "x0": np.zeros(3),
         "preconditioner": None,
+        "block": True,
     },
     "lissa": {
         "maxiter": 33,
