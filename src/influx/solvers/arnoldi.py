@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace
+from array_api_compat import device as array_device
 
 from influx._memory import check_dense_fits
 from influx._progress import progress_bar
@@ -212,13 +213,14 @@ class ArnoldiSolver(Solver):
         # newest image outside the basis: the projected matrix Q A Q^T grows
         # by the couplings of each new image, and the Ritz residuals follow
         # from the small Gram matrix of the outside part.
-        blocks: list[Any] = []
+        basis = _Basis(largest_basis, current)
         projected = np.zeros((0, 0))
         tail = None  # outside rows of the previous image left out of the basis
         converged, matvecs = False, 0
         with progress_bar(progress, "Block Krylov products") as bar:
             while True:
-                blocks.append(current)
+                basis.append(current)
+                blocks = basis.parts()
                 image = operator.mv(current)
                 count = int(current.shape[0])
                 matvecs += count
@@ -236,7 +238,7 @@ class ArnoldiSolver(Solver):
                 if residuals.max() <= self.tol * scale:
                     converged = True
                     break
-                room = largest_basis - sum(int(q.shape[0]) for q in blocks)
+                room = largest_basis - basis.size
                 if room <= 0:
                     break
                 current, tail = _next_block(outside, norms, min(block, room))
@@ -244,7 +246,7 @@ class ArnoldiSolver(Solver):
                     converged = True
                     break
         if not converged:
-            basis_size = sum(int(q.shape[0]) for q in blocks)
+            basis_size = basis.size
             warnings.warn(
                 f"Block Krylov: the Ritz residuals of the kept eigenpairs are up to "
                 f"{residuals.max() / scale:.2e} of the largest eigenvalue, above "
@@ -254,8 +256,8 @@ class ArnoldiSolver(Solver):
                 stacklevel=4,
             )
         order = np.argsort(values)
-        vectors = _combine(coefficients[:, order], blocks, operator)  # [r, P]
-        del blocks
+        vectors = _combine(coefficients[:, order], basis.parts(), operator)  # [r, P]
+        del basis, blocks
         return ArnoldiState(
             operator,
             _stored(values[order], operator),
@@ -367,6 +369,45 @@ class ArnoldiSolver(Solver):
 KRYLOV_TOL, ARPACK_TOL = 1e-2, 1e-6
 #: Extra vectors per block beyond the rank kept: they speed up convergence.
 KRYLOV_OVERSAMPLING = 10
+
+
+class _Basis:
+    """The orthonormal rows of the Krylov basis, ``[m, P]``, grown by blocks.
+
+    Where the namespace's arrays can be written in place (numpy, torch), the
+    rows go into one buffer of the largest basis, allocated uninitialised
+    (its untouched rows cost no memory on the host), so that products with
+    the basis are single matrix products; elsewhere (JAX) the blocks are
+    kept in a list and used block by block. Either way nothing is copied as
+    the basis grows.
+    """
+
+    def __init__(self, rows: int, like: Any) -> None:
+        xp = array_namespace(like)
+        self.size = 0
+        self.blocks: list[Any] = []
+        self.buffer: Any = xp.empty(
+            (rows, int(like.shape[1])), dtype=like.dtype, device=array_device(like)
+        )
+
+    def append(self, block: Any) -> None:
+        count = int(block.shape[0])
+        if self.buffer is not None:
+            try:
+                self.buffer[self.size : self.size + count, :] = block
+            except (TypeError, ValueError, NotImplementedError):
+                # Immutable arrays (JAX): keep a list of blocks instead.
+                self.blocks = [self.buffer[: self.size]] if self.size else []
+                self.buffer = None
+        if self.buffer is None:
+            self.blocks.append(block)
+        self.size += count
+
+    def parts(self) -> list[Any]:
+        """The basis as row blocks: one view of the buffer, or the list."""
+        if self.buffer is not None:
+            return [self.buffer[: self.size]]
+        return self.blocks
 
 
 def _grow_projection(projected: np.ndarray, columns: np.ndarray) -> np.ndarray:

@@ -43,38 +43,44 @@ class CgState:
 class CgSolver(Solver):
     """Preconditioned conjugate gradients, batched over right-hand sides.
 
-    Every iteration applies the operator once to the stack of search
-    directions of the right-hand sides still running, so a pass over the
-    training data serves all of them. Each right-hand side stops on its own
-    when ``||r_k|| <= max(rtol * ||b_k||, atol)``; the finished ones leave the
-    stack. The recursion runs in float64 when the model is float32 (where the
-    framework and device support float64), which keeps the residuals honest
-    at tight tolerances.
+    By default (``block=True``) all right-hand sides share one Krylov space
+    (block conjugate gradients, O'Leary 1980): each iteration applies the
+    operator once to a block of at most ``K`` search directions built from
+    all the residuals still running, so every right-hand side gains from the
+    directions the others found, and fewer passes over the training data are
+    needed than with one Krylov space each. The small ``K x K`` systems are
+    solved by symmetric eigendecompositions that drop directions which became
+    linearly dependent (duplicated right-hand sides, residuals that converge
+    together) instead of dividing by zero.
+
+    With ``block=False`` each right-hand side runs its own CG; every
+    iteration applies the operator once to the stack of their search
+    directions, so a pass over the training data still serves all of them.
+
+    Either way, each right-hand side stops on its own when ``||r_k|| <=
+    max(rtol * ||b_k||, atol)``; the finished ones leave the stack. The
+    recursion runs in float64 when the model is float32 (where the framework
+    and device support float64), which keeps the residuals honest at tight
+    tolerances.
 
     By default ``init`` builds a randomised Nyström preconditioner of rank 100
     (:class:`~influx.solvers.preconditioners.NystromPreconditioner`) from one
     batched pass over the training data. It removes the few large eigenvalues
     that make a Hessian ill conditioned, which cuts the iterations several
-    fold; ``preconditioner=None`` runs plain CG.
-
-    With ``block=True`` all right-hand sides share one Krylov space (block
-    conjugate gradients, O'Leary 1980): each iteration applies the operator
-    once to a block of at most ``K`` search directions built from all the
-    residuals still running, so every right-hand side gains from the
-    directions the others found. The small ``K x K`` systems are solved by
-    symmetric eigendecompositions that drop directions which became linearly
-    dependent (duplicated right-hand sides, residuals that converge together)
-    instead of dividing by zero. A right-hand side that meets its tolerance
-    stops and leaves the block; the others go on.
+    fold; ``preconditioner=None`` runs unpreconditioned CG.
 
     Parameters
     ----------
     rtol
-        Relative tolerance on the residual norm.
+        Relative tolerance on the residual norm. The default ``1e-4`` keeps
+        the influences within a Pearson correlation of ``1 - 1e-6`` of a
+        tight solve on the benchmark workloads (``docs/performance.md``,
+        "CG tolerance"); ranking training points needs no more. Lower it
+        when the solutions themselves are wanted to more digits.
     atol
         Absolute tolerance on the residual norm.
     maxiter
-        Iteration limit; ``None`` means ``10 * P``.
+        Iteration limit (operator passes); ``None`` means ``10 * P``.
     x0
         Initial guess, ``[P]`` (shared) or ``[K, P]``; ``None`` means zero.
         Kept for the seed's functions: prefer the guess of each solve,
@@ -84,7 +90,10 @@ class CgSolver(Solver):
         :class:`~influx.solvers.preconditioners.Preconditioner` such as
         ``NystromPreconditioner(rank=50, seed=1)``.
     block
-        Block CG (see above) instead of one Krylov space per right-hand side.
+        Block CG (default) or, with ``False``, one Krylov space per
+        right-hand side (influx before issue 9). Under block CG, a Hessian
+        that is not positive definite on the search space stops all the
+        right-hand sides still running (the message says so).
     """
 
     name = "cg"
@@ -92,12 +101,12 @@ class CgSolver(Solver):
     def __init__(
         self,
         *,
-        rtol: float = 1e-7,
+        rtol: float = 1e-4,
         atol: float = 1e-7,
         maxiter: int | None = None,
         x0: Any = None,
         preconditioner: Preconditioner | str | None = "nystrom",
-        block: bool = False,
+        block: bool = True,
     ) -> None:
         self.rtol = real_option(rtol, "rtol", minimum=0.0)
         self.atol = real_option(atol, "atol", minimum=0.0)
@@ -287,7 +296,7 @@ class CgSolver(Solver):
                 )
                 directions = transform @ candidates  # D A D^T = I
                 images = transform @ product
-                steps = to_host(directions @ r.T, op)  # [s, K]
+                steps = np.array(to_host(directions @ r.T, op))  # [s, K], writable
                 steps[:, ~running] = 0.0  # stopped columns keep their x and r
                 alpha = from_host(steps.T, directions, op)  # [K, s]
                 x = x + alpha @ directions
