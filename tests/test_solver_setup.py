@@ -112,3 +112,13 @@ def test_block_krylov_residuals_are_the_true_ones_when_truncated():
     true = np.linalg.norm(matrix @ vectors - vectors * values, axis=0).max()
     reported = float(str(record[0].message).split("up to ")[1].split(" of")[0])
     assert reported == pytest.approx(true / np.abs(values).max(), rel=1e-2)
+
+
+def test_block_krylov_basis_smaller_than_one_block():
+    # krylov_dimension below the block (rank + 10): the first block is kept.
+    matrix = spd_matrix(np.linspace(1.0, 3.0, 40), seed=8)
+    solver = ArnoldiSolver(rank_estimate=6, krylov_dimension=8, tol=1e-12)
+    with pytest.warns(influx.NotConvergedWarning, match="basis of 16"):
+        state = solver.init(DenseOperator(matrix, tags=SYM))
+    values = np.asarray(state.eigenvalues)
+    assert values.shape == (6,) and np.all((values >= 1.0) & (values <= 3.0))

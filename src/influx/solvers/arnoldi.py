@@ -213,7 +213,7 @@ class ArnoldiSolver(Solver):
         # newest image outside the basis: the projected matrix Q A Q^T grows
         # by the couplings of each new image, and the Ritz residuals follow
         # from the small Gram matrix of the outside part.
-        basis = _Basis(largest_basis, current)
+        basis = _Basis(max(largest_basis, block), current)
         projected = np.zeros((0, 0))
         tail = None  # outside rows of the previous image left out of the basis
         converged, matvecs = False, 0
