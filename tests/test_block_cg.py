@@ -201,3 +201,27 @@ def test_influence_object_block_cg_and_save_load(backend_name, tmp_path):
     inf.save(tmp_path / "fitted.npz")
     loaded = influx.Influence.load(tmp_path / "fitted.npz", model, train)
     assert rel_err(loaded.factors(test), direct) < 1e-8
+
+
+def test_block_cg_without_new_directions_says_so():
+    # A (useless) preconditioner that maps every residual to zero leaves no
+    # search direction: block CG stops at once and says why, with no NaN.
+    from influx.solvers.preconditioners import FittedPreconditioner, Preconditioner
+
+    class Zero(FittedPreconditioner):
+        def apply(self, residuals):
+            return residuals * 0.0
+
+    class ZeroPreconditioner(Preconditioner):
+        name = "zero"
+
+        def fit(self, operator, dtype, *, progress=False):
+            return Zero()
+
+    matrix = spd_matrix(np.linspace(1.0, 2.0, 5), seed=10)
+    rhs = np.random.default_rng(11).standard_normal((2, 5))
+    solver = CgSolver(preconditioner=ZeroPreconditioner(), block=True)
+    with pytest.warns(influx.NotConvergedWarning, match="no new search direction"):
+        x, info = solve(solver, matrix, rhs)
+    np.testing.assert_array_equal(x, np.zeros((2, 5)))
+    np.testing.assert_array_equal(info.iterations, [0, 0])

@@ -264,7 +264,7 @@ class CgSolver(Solver):
         breakdown = np.zeros(k, dtype=bool)
         running = np.ones(k, dtype=bool)
         directions = images = None  # D [s, P] and A D, row-wise
-        passes, widths = 0, []
+        passes, widths, stalled = 0, [], False
         with progress_bar(progress, "Block CG", total=maxiter) as bar:
             for iteration in range(maxiter + 1):
                 norms = np.sqrt(np.maximum(to_host(xp.sum(r * r, axis=1), op), 0.0))
@@ -280,6 +280,7 @@ class CgSolver(Solver):
                     z = z - (z @ images.T) @ directions  # A-orthogonal to D
                 candidates = _independent_rows(z, op, DEFLATION * eps)
                 if candidates is None:  # nothing new to search: stagnation
+                    stalled = True
                     break
                 product = op.mv(candidates)
                 passes += 1
@@ -306,13 +307,25 @@ class CgSolver(Solver):
                 bar.update(1)
                 bar.set_postfix_str(f"running {active.size}/{k}")
 
+        message = _message(converged, breakdown, residuals, b_norms, maxiter, self)
+        if stalled:
+            late = ~converged
+            relative = residuals[late] / np.where(b_norms[late] > 0, b_norms[late], 1)
+            message = (
+                f"block CG stopped after {passes} iterations with {int(late.sum())} "
+                f"of {k} right-hand sides above rtol={self.rtol:g} / atol="
+                f"{self.atol:g} (max relative residual {float(relative.max()):.2e}): "
+                "their preconditioned residuals left no new search direction, "
+                "lost to rounding. Loosen rtol or atol; raising maxiter does not "
+                "help."
+            )
         info = SolveInfo(
             method=self.name,
             iterations=iterations,
             residual_norms=residuals,
             rhs_norms=b_norms,
             converged=converged,
-            message=_message(converged, breakdown, residuals, b_norms, maxiter, self),
+            message=message,
             extra={
                 "residual": "recursive",
                 "preconditioner": getattr(self.preconditioner, "name", None),
