@@ -116,7 +116,7 @@ def test_cg_per_column_stopping():
             np.zeros(6),  # zero: converged before any product, x = 0
         ]
     )
-    plain = CgSolver(rtol=1e-12, atol=0.0, preconditioner=None)
+    plain = CgSolver(rtol=1e-12, atol=0.0, preconditioner=None, block=False)
     x, info = run(plain, matrix, rhs)
     np.testing.assert_array_equal(info.iterations, [1, 2, 6, 0])
     assert info.all_converged
@@ -168,7 +168,9 @@ def test_cg_initial_guess_bad_shape(spd):
 def test_cg_maxiter_too_small_warns(spd):
     matrix, rhs = spd
     with pytest.warns(influx.NotConvergedWarning, match="raise maxiter"):
-        plain = CgSolver(rtol=1e-12, atol=0.0, maxiter=2, preconditioner=None)
+        plain = CgSolver(
+            rtol=1e-12, atol=0.0, maxiter=2, preconditioner=None, block=False
+        )
         x, info = run(plain, matrix, rhs)
     assert not info.all_converged
     np.testing.assert_array_equal(info.iterations, [2, 2, 2, 2])
@@ -189,7 +191,8 @@ def test_cg_breakdown_on_indefinite_matrix():
         ]
     )
     with pytest.warns(influx.NotConvergedWarning, match="hessian_regularization"):
-        x, info = run(CgSolver(rtol=1e-12, atol=0.0, preconditioner=None), matrix, rhs)
+        plain = CgSolver(rtol=1e-12, atol=0.0, preconditioner=None, block=False)
+        x, info = run(plain, matrix, rhs)
     np.testing.assert_array_equal(info.converged, [False, True])
     assert "not positive definite" in info.message
     np.testing.assert_array_equal(x[0], np.zeros(3))  # stopped before any step
@@ -236,7 +239,9 @@ def test_nystrom_pcg_needs_far_fewer_iterations():
         ("plain", None),
         ("nystrom", NystromPreconditioner(rank=30, seed=0)),
     ]:
-        solver = CgSolver(rtol=1e-10, atol=0.0, preconditioner=preconditioner)
+        solver = CgSolver(
+            rtol=1e-10, atol=0.0, preconditioner=preconditioner, block=False
+        )
         x, info = solver.solve(solver.init(op), rhs)
         assert info.all_converged, label
         assert rel_err(x, expected) < 1e-8, label
@@ -438,7 +443,7 @@ def test_lissa_rejects_non_positive_definite():
 
 # -- make_solver --------------------------------------------------------------
 
-# The seed's options, plus influx's additions (CG's preconditioner; Arnoldi's
+# The seed's options, plus influx's additions (CG's preconditioner and block; Arnoldi's
 # eigensolver, remainder and seed).
 SEED_OPTIONS = {
     "cg": {
@@ -447,6 +452,7 @@ SEED_OPTIONS = {
         "maxiter": 17,
         "x0": np.zeros(3),
         "preconditioner": None,
+        "block": True,
     },
     "lissa": {
         "maxiter": 33,

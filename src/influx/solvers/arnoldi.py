@@ -204,49 +204,64 @@ class ArnoldiSolver(Solver):
         largest_basis = min(size, self.krylov_dimension or 12 * block)
         dtype = accumulation_dtype(operator.like)
         rng = np.random.default_rng(self.seed)
-        start, _ = np.linalg.qr(rng.standard_normal((size, block)))
         xp = array_namespace(operator.like)
-        current = from_host(start.T, xp.astype(operator.like, dtype), operator)
-        blocks: list[Any] = []
-        images: list[Any] = []
+        like = xp.astype(operator.like, dtype)
+        gaussian = from_host(rng.standard_normal((size, block)), like, operator)
+        current = xp.linalg.qr(gaussian, mode="reduced")[0].T  # [b, P], on device
+        del gaussian
+        # Only the orthonormal basis blocks Q_i are kept, plus the part of the
+        # newest image outside the basis: the projected matrix Q A Q^T grows
+        # by the couplings of each new image, and the Ritz residuals follow
+        # from the small Gram matrix of the outside part.
+        basis = _Basis(max(largest_basis, block), current)
         projected = np.zeros((0, 0))
+        tail = None  # outside rows of the previous image left out of the basis
         converged, matvecs = False, 0
         with progress_bar(progress, "Block Krylov products") as bar:
             while True:
-                blocks.append(current)
-                images.append(operator.mv(current))
-                matvecs += int(current.shape[0])
-                bar.update(int(current.shape[0]))
-                basis, image = xp.concat(blocks, axis=0), xp.concat(images, axis=0)
-                projected = _grow_projection(projected, basis, images[-1], operator)
-                values, vectors, residuals = _rayleigh_ritz(
-                    projected, basis, image, rank, operator
+                basis.append(current)
+                blocks = basis.parts()
+                image = operator.mv(current)
+                count = int(current.shape[0])
+                matvecs += count
+                bar.update(count)
+                couplings = [to_host(q @ image.T, operator) for q in blocks]
+                projected = _grow_projection(projected, np.concatenate(couplings))
+                norms = to_host(row_norms(image), operator)
+                outside = _orthogonalise(image, blocks, couplings, operator)
+                del image
+                values, coefficients = _ritz_pairs(projected, rank)
+                residuals = _ritz_residuals(
+                    coefficients, outside, tail, count, operator
                 )
                 scale = float(np.abs(values).max()) or 1.0
                 if residuals.max() <= self.tol * scale:
                     converged = True
                     break
-                room = largest_basis - int(basis.shape[0])
+                room = largest_basis - basis.size
                 if room <= 0:
                     break
-                current = _next_block(images[-1], basis, min(block, room))
+                current, tail = _next_block(outside, norms, min(block, room))
                 if current is None:  # the Krylov space is exhausted: exact
                     converged = True
                     break
         if not converged:
+            basis_size = basis.size
             warnings.warn(
                 f"Block Krylov: the Ritz residuals of the kept eigenpairs are up to "
                 f"{residuals.max() / scale:.2e} of the largest eigenvalue, above "
-                f"tol={self.tol:g}, with a basis of {int(basis.shape[0])}: raise "
+                f"tol={self.tol:g}, with a basis of {basis_size}: raise "
                 "krylov_dimension or tol.",
                 NotConvergedWarning,
                 stacklevel=4,
             )
         order = np.argsort(values)
+        vectors = _combine(coefficients[:, order], basis.parts(), operator)  # [r, P]
+        del basis, blocks
         return ArnoldiState(
             operator,
             _stored(values[order], operator),
-            _columns(vectors, order, operator),
+            xp.astype(vectors.T, working_dtype(operator.like)),
             converged,
             matvecs,
         )
@@ -356,27 +371,61 @@ KRYLOV_TOL, ARPACK_TOL = 1e-2, 1e-6
 KRYLOV_OVERSAMPLING = 10
 
 
-def _grow_projection(
-    projected: np.ndarray, basis: Any, new_image: Any, operator: LinearOperator
-) -> np.ndarray:
+class _Basis:
+    """The orthonormal rows of the Krylov basis, ``[m, P]``, grown by blocks.
+
+    Where the namespace's arrays can be written in place (numpy, torch), the
+    rows go into one buffer of the largest basis, allocated uninitialised
+    (its untouched rows cost no memory on the host), so that products with
+    the basis are single matrix products; elsewhere (JAX) the blocks are
+    kept in a list and used block by block. Either way nothing is copied as
+    the basis grows.
+    """
+
+    def __init__(self, rows: int, like: Any) -> None:
+        xp = array_namespace(like)
+        self.size = 0
+        self.blocks: list[Any] = []
+        self.buffer: Any = xp.empty(
+            (rows, int(like.shape[1])), dtype=like.dtype, device=array_device(like)
+        )
+
+    def append(self, block: Any) -> None:
+        count = int(block.shape[0])
+        if self.buffer is not None:
+            try:
+                self.buffer[self.size : self.size + count, :] = block
+            except (TypeError, ValueError, NotImplementedError):
+                # Immutable arrays (JAX): keep a list of blocks instead.
+                self.blocks = [self.buffer[: self.size]] if self.size else []
+                self.buffer = None
+        if self.buffer is None:
+            self.blocks.append(block)
+        self.size += count
+
+    def parts(self) -> list[Any]:
+        """The basis as row blocks: one view of the buffer, or the list."""
+        if self.buffer is not None:
+            return [self.buffer[: self.size]]
+        return self.blocks
+
+
+def _grow_projection(projected: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """``Q A Q^T`` extended by the newest block, without recomputing the rest.
 
     Parameters
     ----------
     projected
         ``[m0, m0]`` host, ``Q0 A Q0^T`` for the blocks before the newest.
-    basis
-        All orthonormal rows ``Q``, ``[m, P]``, the newest block last.
-    new_image
-        ``A Q_new`` row-wise, ``[m - m0, P]``.
+    columns
+        ``[m, m - m0]`` host, ``Q A Q_new^T`` (all blocks against the newest).
 
     Returns
     -------
     np.ndarray
         ``[m, m]`` symmetric, float64.
     """
-    old, size = projected.shape[0], int(basis.shape[0])
-    columns = to_host(basis @ new_image.T, operator)  # [m, m - m0]: Q A Q_new^T
+    old, size = projected.shape[0], columns.shape[0]
     grown = np.zeros((size, size))
     grown[:old, :old] = projected
     grown[:, old:] = columns
@@ -385,66 +434,114 @@ def _grow_projection(
     return grown
 
 
-def _rayleigh_ritz(
-    projected: np.ndarray, basis: Any, image: Any, rank: int, operator: LinearOperator
-) -> tuple[np.ndarray, Any, np.ndarray]:
-    """Ritz pairs of largest magnitude on the span of ``basis``.
+def _orthogonalise(
+    image: Any, blocks: list[Any], couplings: list[np.ndarray], operator: LinearOperator
+) -> Any:
+    """``(I - Q^T Q) image`` row-wise: block classical Gram-Schmidt, twice.
+
+    The first pass reuses the couplings ``Q_i image^T`` already computed for
+    the projected matrix; each pass is two matrix products per block.
 
     Parameters
     ----------
-    projected
-        ``Q A Q^T``, ``[m, m]`` host, symmetric.
-    basis
-        Orthonormal rows ``Q``, ``[m, P]``.
     image
-        ``A Q`` row-wise, ``[m, P]``.
-    rank
-        Pairs to keep.
+        ``[c, P]`` native.
+    blocks
+        The basis blocks ``Q_i`` ``[b_i, P]``, orthonormal rows.
+    couplings
+        ``[b_i, c]`` host, ``Q_i image^T``.
+    """
+    outside = image
+    for q, coupling in zip(blocks, couplings, strict=True):
+        outside = outside - from_host(coupling.T, q, operator) @ q
+    for q in blocks:
+        outside = outside - (outside @ q.T) @ q
+    return outside
+
+
+def _ritz_pairs(projected: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rank`` eigenpairs of largest magnitude of ``projected`` ``[m, m]``.
 
     Returns
     -------
     values
         ``[r]`` Ritz values (host, float64).
-    vectors
-        ``[r, P]`` Ritz vectors as rows (native).
-    residuals
-        ``[r]`` norms ``||A u - theta u||`` (host).
+    coefficients
+        ``[m, r]`` the Ritz vectors in the basis (host, float64).
     """
     values, coefficients = np.linalg.eigh(projected)
     top = np.argsort(np.abs(values))[-rank:]
-    values, coefficients = values[top], coefficients[:, top]
-    xp = array_namespace(basis)
-    native = from_host(coefficients.T, basis, operator)
-    vectors = native @ basis
-    residual = native @ image - from_host(values, basis, operator)[:, None] * vectors
-    residuals = to_host(xp.sqrt(xp.sum(residual * residual, axis=1)), operator)
-    return values, vectors, residuals
+    return values[top], coefficients[:, top]
 
 
-def _next_block(image: Any, basis: Any, count: int) -> Any | None:
-    """Orthonormal rows spanning ``image`` minus its part in ``basis``.
+def _ritz_residuals(
+    coefficients: np.ndarray,
+    outside: Any,
+    tail: Any,
+    count: int,
+    operator: LinearOperator,
+) -> np.ndarray:
+    """``||A u - theta u||`` of each Ritz pair, from small matrices only.
 
-    Two passes of block Gram-Schmidt, then a QR factorisation; ``None`` when
-    nothing new is left (the Krylov space is invariant).
+    For a Ritz vector ``u = Q^T c`` the residual is the part of ``A u``
+    outside the basis. Every block's image lies in the basis except the
+    newest one's (``outside``, ``[c, P]``, coefficients the last ``count``
+    rows of ``c``) and, when the newest block took only part of the previous
+    image, that part's remainder (``tail``, ``[t, P]``, coefficients the rows
+    just before the newest block's, after its first ``c_prev - t``).
+
+    Returns
+    -------
+    np.ndarray
+        ``[r]`` host.
     """
-    xp = array_namespace(image)
-    new = image[:count]
-    before = float(xp.max(xp.sqrt(xp.sum(new * new, axis=1))))
-    for _ in range(2):
-        new = new - (new @ basis.T) @ basis
+    pieces, weights = [outside], [coefficients[-count:]]
+    if tail is not None:
+        extra = int(tail.shape[0])
+        pieces.append(tail)
+        weights.append(coefficients[-count - extra : -count])
+    xp = array_namespace(outside)
+    stacked = xp.concat(pieces, axis=0) if len(pieces) > 1 else outside
+    gram = to_host(stacked @ stacked.T, operator)
+    weight = np.concatenate(weights)  # [c (+ t), r]
+    squares = np.einsum("ir,ij,jr->r", weight, gram, weight)
+    return np.sqrt(np.maximum(squares, 0.0))
+
+
+def _next_block(
+    outside: Any, norms: np.ndarray, count: int
+) -> tuple[Any | None, Any | None]:
+    """Orthonormal rows spanning the first ``count`` rows of ``outside``.
+
+    ``outside`` is the newest image with its part in the basis removed;
+    ``norms`` the row norms of the image before that. A thin QR on the
+    device orthonormalises the rows. Returns ``(None, None)`` when nothing
+    new is left (the Krylov space is invariant), and, when ``count`` leaves
+    rows out, the part of those rows outside the new block too.
+    """
+    xp = array_namespace(outside)
+    new = outside[:count]
+    before = float(norms[:count].max())
     after = float(xp.max(xp.sqrt(xp.sum(new * new, axis=1))))
     if not after > before * 1e-10:
-        return None
-    q, _ = xp.linalg.qr(new.T)
-    return q.T
+        return None, None
+    q = xp.linalg.qr(new.T, mode="reduced")[0].T
+    tail = None
+    if count < int(outside.shape[0]):
+        rest = outside[count:]
+        tail = rest - (rest @ q.T) @ q
+    return q, tail
 
 
-def _columns(vectors: Any, order: np.ndarray, operator: LinearOperator) -> Any:
-    """Rows ``[r, P]`` reordered by ``order``, as columns ``[P, r]``."""
-    xp = array_namespace(vectors)
-    index = xp.asarray(order, device=array_device(vectors))
-    rows = xp.take(vectors, index, axis=0).T
-    return xp.astype(rows, working_dtype(operator.like))
+def _combine(coefficients: np.ndarray, blocks: list[Any], operator: Any) -> Any:
+    """``C^T Q`` ``[r, P]`` from host coefficients ``[m, r]`` and the blocks."""
+    total, start = None, 0
+    for q in blocks:
+        stop = start + int(q.shape[0])
+        part = from_host(coefficients[start:stop].T, q, operator) @ q
+        total = part if total is None else total + part
+        start = stop
+    return total
 
 
 def _stored(array: np.ndarray, operator: LinearOperator) -> Any:

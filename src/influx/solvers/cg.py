@@ -15,6 +15,7 @@ from influx.solvers._base import (
     SolveInfo,
     Solver,
     accumulation_dtype,
+    from_host,
     initial_guess,
     integer_option,
     real_option,
@@ -42,28 +43,44 @@ class CgState:
 class CgSolver(Solver):
     """Preconditioned conjugate gradients, batched over right-hand sides.
 
-    Every iteration applies the operator once to the stack of search
-    directions of the right-hand sides still running, so a pass over the
-    training data serves all of them. Each right-hand side stops on its own
-    when ``||r_k|| <= max(rtol * ||b_k||, atol)``; the finished ones leave the
-    stack. The recursion runs in float64 when the model is float32 (where the
-    framework and device support float64), which keeps the residuals honest
-    at tight tolerances.
+    By default (``block=True``) all right-hand sides share one Krylov space
+    (block conjugate gradients, O'Leary 1980): each iteration applies the
+    operator once to a block of at most ``K`` search directions built from
+    all the residuals still running, so every right-hand side gains from the
+    directions the others found, and fewer passes over the training data are
+    needed than with one Krylov space each. The small ``K x K`` systems are
+    solved by symmetric eigendecompositions that drop directions which became
+    linearly dependent (duplicated right-hand sides, residuals that converge
+    together) instead of dividing by zero.
+
+    With ``block=False`` each right-hand side runs its own CG; every
+    iteration applies the operator once to the stack of their search
+    directions, so a pass over the training data still serves all of them.
+
+    Either way, each right-hand side stops on its own when ``||r_k|| <=
+    max(rtol * ||b_k||, atol)``; the finished ones leave the stack. The
+    recursion runs in float64 when the model is float32 (where the framework
+    and device support float64), which keeps the residuals honest at tight
+    tolerances.
 
     By default ``init`` builds a randomised Nyström preconditioner of rank 100
     (:class:`~influx.solvers.preconditioners.NystromPreconditioner`) from one
     batched pass over the training data. It removes the few large eigenvalues
     that make a Hessian ill conditioned, which cuts the iterations several
-    fold; ``preconditioner=None`` runs plain CG.
+    fold; ``preconditioner=None`` runs unpreconditioned CG.
 
     Parameters
     ----------
     rtol
-        Relative tolerance on the residual norm.
+        Relative tolerance on the residual norm. The default ``1e-4`` keeps
+        the influences within a Pearson correlation of ``1 - 1e-6`` of a
+        tight solve on the benchmark workloads (``docs/performance.md``,
+        "CG tolerance"); ranking training points needs no more. Lower it
+        when the solutions themselves are wanted to more digits.
     atol
         Absolute tolerance on the residual norm.
     maxiter
-        Iteration limit; ``None`` means ``10 * P``.
+        Iteration limit (operator passes); ``None`` means ``10 * P``.
     x0
         Initial guess, ``[P]`` (shared) or ``[K, P]``; ``None`` means zero.
         Kept for the seed's functions: prefer the guess of each solve,
@@ -72,6 +89,11 @@ class CgSolver(Solver):
         ``"nystrom"`` (default), ``None``, or a
         :class:`~influx.solvers.preconditioners.Preconditioner` such as
         ``NystromPreconditioner(rank=50, seed=1)``.
+    block
+        Block CG (default) or, with ``False``, one Krylov space per
+        right-hand side (influx before issue 9). Under block CG, a Hessian
+        that is not positive definite on the search space stops all the
+        right-hand sides still running (the message says so).
     """
 
     name = "cg"
@@ -79,17 +101,21 @@ class CgSolver(Solver):
     def __init__(
         self,
         *,
-        rtol: float = 1e-7,
+        rtol: float = 1e-4,
         atol: float = 1e-7,
         maxiter: int | None = None,
         x0: Any = None,
         preconditioner: Preconditioner | str | None = "nystrom",
+        block: bool = True,
     ) -> None:
         self.rtol = real_option(rtol, "rtol", minimum=0.0)
         self.atol = real_option(atol, "atol", minimum=0.0)
         self.maxiter = integer_option(maxiter, "maxiter", minimum=1, optional=True)
         self.x0 = x0
         self.preconditioner = make_preconditioner(preconditioner)
+        if not isinstance(block, bool | np.bool_):
+            raise TypeError(f"block must be True or False, got {block!r}.")
+        self.block = bool(block)
 
     def init(
         self,
@@ -128,6 +154,10 @@ class CgSolver(Solver):
         precondition = (
             _identity if state.preconditioner is None else (state.preconditioner.apply)
         )
+        if self.block:
+            return self._solve_block(
+                op, rhs, b, x, r, b_norms, thresholds, maxiter, precondition, progress
+            )
         p = precondition(r)
         rr = xp.sum(r * r, axis=1)
         rz = xp.sum(r * p, axis=1)
@@ -203,6 +233,137 @@ class CgSolver(Solver):
         )
         warn_if_not_converged(info)
         return xp.astype(solution, rhs.dtype), info
+
+    def _solve_block(
+        self,
+        op: LinearOperator,
+        rhs: Any,
+        b: Any,
+        x: Any,
+        r: Any,
+        b_norms: np.ndarray,
+        thresholds: np.ndarray,
+        maxiter: int,
+        precondition: Any,
+        progress: bool,
+    ) -> tuple[Any, SolveInfo]:
+        """Block CG from ``x`` with residuals ``r = b - A x`` (all ``[K, P]``).
+
+        The search block ``D`` ``[s, P]`` (``s <= K`` rows) is kept
+        A-orthonormal, ``D A D^T = I``, so the step of every right-hand side
+        is ``alpha = D r_k`` and the next block is the preconditioned
+        residuals made A-orthogonal to ``D``, then orthonormalised with the
+        dependent directions dropped.
+        """
+        xp = array_namespace(b)
+        k = int(b.shape[0])
+        eps = float(xp.finfo(b.dtype).eps)
+        iterations = np.zeros(k, dtype=np.int64)
+        residuals = np.zeros(k)
+        converged = np.zeros(k, dtype=bool)
+        breakdown = np.zeros(k, dtype=bool)
+        running = np.ones(k, dtype=bool)
+        directions = images = None  # D [s, P] and A D, row-wise
+        passes, widths, stalled = 0, [], False
+        with progress_bar(progress, "Block CG", total=maxiter) as bar:
+            for iteration in range(maxiter + 1):
+                norms = np.sqrt(np.maximum(to_host(xp.sum(r * r, axis=1), op), 0.0))
+                residuals[running] = norms[running]
+                finished = running & (norms <= thresholds)
+                converged |= finished
+                running &= ~finished
+                if iteration == maxiter or not running.any():
+                    break
+                active = np.nonzero(running)[0]
+                z = precondition(_take(r, active))  # [Ka, P]
+                if directions is not None:
+                    z = z - (z @ images.T) @ directions  # A-orthogonal to D
+                candidates = _independent_rows(z, op, DEFLATION * eps)
+                if candidates is None:  # nothing new to search: stagnation
+                    stalled = True
+                    break
+                product = op.mv(candidates)
+                passes += 1
+                gram = to_host(candidates @ product.T, op)  # [s, s]: D A D^T
+                values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+                if values[0] <= 0:
+                    # A is not positive definite on the search space.
+                    breakdown[active] = True
+                    running[active] = False
+                    break
+                keep = values > values[-1] * eps * values.size
+                transform = from_host(
+                    (vectors[:, keep] / np.sqrt(values[keep])).T, candidates, op
+                )
+                directions = transform @ candidates  # D A D^T = I
+                images = transform @ product
+                steps = np.array(to_host(directions @ r.T, op))  # [s, K], writable
+                steps[:, ~running] = 0.0  # stopped columns keep their x and r
+                alpha = from_host(steps.T, directions, op)  # [K, s]
+                x = x + alpha @ directions
+                r = r - alpha @ images
+                iterations[active] += 1
+                widths.append(int(directions.shape[0]))
+                bar.update(1)
+                bar.set_postfix_str(f"running {active.size}/{k}")
+
+        message = _message(converged, breakdown, residuals, b_norms, maxiter, self)
+        if stalled:
+            late = ~converged
+            relative = residuals[late] / np.where(b_norms[late] > 0, b_norms[late], 1)
+            message = (
+                f"block CG stopped after {passes} iterations with {int(late.sum())} "
+                f"of {k} right-hand sides above rtol={self.rtol:g} / atol="
+                f"{self.atol:g} (max relative residual {float(relative.max()):.2e}): "
+                "their preconditioned residuals left no new search direction, "
+                "lost to rounding. Loosen rtol or atol; raising maxiter does not "
+                "help."
+            )
+        info = SolveInfo(
+            method=self.name,
+            iterations=iterations,
+            residual_norms=residuals,
+            rhs_norms=b_norms,
+            converged=converged,
+            message=message,
+            extra={
+                "residual": "recursive",
+                "preconditioner": getattr(self.preconditioner, "name", None),
+                "block": True,
+                "operator_passes": passes,
+                "block_widths": widths,
+            },
+        )
+        warn_if_not_converged(info)
+        return xp.astype(x, rhs.dtype), info
+
+
+#: Directions of the next search block whose squared singular value, relative
+#: to the largest, is below this many ``eps`` are dependent and dropped.
+DEFLATION = 1e4
+
+
+def _independent_rows(rows: Any, op: LinearOperator, cutoff: float) -> Any | None:
+    """Orthonormal rows spanning ``rows`` ``[K, P]``, dependent ones dropped.
+
+    Each row is scaled to unit norm first, so that a nearly converged
+    residual is not mistaken for a dependent one. The Gram matrix's
+    eigendecomposition (host, float64) gives the basis; directions whose
+    eigenvalue is below ``cutoff`` times the largest are dropped. ``None``
+    when no row is left.
+    """
+    xp = array_namespace(rows)
+    norms = to_host(xp.sqrt(xp.sum(rows * rows, axis=1)), op)
+    nonzero = np.isfinite(norms) & (norms > 0)
+    if not nonzero.any():
+        return None
+    scale = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
+    unit = rows * from_host(scale[:, None], rows, op)
+    gram = to_host(unit @ unit.T, op)
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    keep = values > values[-1] * cutoff
+    transform = (vectors[:, keep] / np.sqrt(values[keep])).T  # [s, K]
+    return from_host(transform, rows, op) @ unit
 
 
 def _identity(residuals: Any) -> Any:

@@ -125,9 +125,12 @@ class NystromPreconditioner(Preconditioner):
         size = operator.size
         rank = min(self.rank, size)
         rng = np.random.default_rng(self.seed)
-        sketch, _ = np.linalg.qr(rng.standard_normal((size, rank)))  # [P, r]
         xp = array_namespace(operator.like)
-        test = from_host(sketch.T, xp.astype(operator.like, dtype), operator)
+        like = xp.astype(operator.like, dtype)
+        gaussian = from_host(rng.standard_normal((size, rank)), like, operator)
+        # Thin QR on the backend's device: [P, r] -> orthonormal columns.
+        test = xp.linalg.qr(gaussian, mode="reduced")[0].T  # [r, P]
+        del gaussian
         image = base.mv(test)  # [r, P]: rows H @ omega_i
         # A small shift nu keeps the core matrix well conditioned in floating
         # point; it is removed from the eigenvalues again below.
@@ -137,6 +140,7 @@ class NystromPreconditioner(Preconditioner):
         nu = max(nu, np.finfo(np.float64).tiny)
         image = image + nu * test
         core = to_host(test @ image.T, operator).astype(np.float64)  # [r, r]
+        del test
         core = (core + core.T) / 2
         values, vectors = np.linalg.eigh(core)
         keep = values > values.max() * rank * np.finfo(np.float64).eps
@@ -148,21 +152,33 @@ class NystromPreconditioner(Preconditioner):
                 "preconditioner=None."
             )
         inverse_root = vectors[:, keep] / np.sqrt(values[keep])  # [r, r']
-        factor = from_host(inverse_root.T, test, operator)  # [r', r]
+        factor = from_host(inverse_root.T, image, operator)  # [r', r]
         b = factor @ image  # [r', P]; H + nu I ~ b^T b
-        _, singular, rows = xp.linalg.svd(b, full_matrices=False)
-        eigenvalues = np.maximum(to_host(singular, operator) ** 2 - nu, 0.0)
+        del image
+        # The right singular vectors of b from the eigenpairs of its small
+        # Gram matrix b b^T = W diag(s^2) W^T: rows diag(1/s) W^T b. No SVD of
+        # [r', P] and nothing [P, P].
+        gram = to_host(b @ b.T, operator)
+        squares, left = np.linalg.eigh((gram + gram.T) / 2)
+        squares, left = squares[::-1], left[:, ::-1]  # descending, as an SVD
+        eigenvalues = np.maximum(squares - nu, 0.0)
         usable = eigenvalues + shift > eigenvalues.max() * rank * eps
         if not np.any(usable):
             raise InputError(
                 "The Nystrom preconditioner needs a positive definite operator: "
                 "raise hessian_regularization, or use preconditioner=None."
             )
-        if not np.all(usable):
-            rows = rows[: int(usable.sum())]  # singular values come sorted
-            eigenvalues = eigenvalues[usable]
+        eigenvalues = eigenvalues[usable]
         floor = float(eigenvalues.min()) + shift
-        native = from_host(eigenvalues, test, operator)
+        # Directions whose s^2 is lost in rounding of the Gram matrix carry no
+        # curvature above the floor (their weight 1 - floor / (lambda + mu) is
+        # about 0): leave them to the identity part instead of dividing by ~0.
+        resolved = usable & (squares > squares[0] * 10 * rank * eps)
+        count = int(resolved.sum())
+        combination = (left[:, :count] / np.sqrt(squares[:count])).T  # [r'', r']
+        rows = from_host(combination, b, operator) @ b  # [r'', P] orthonormal
+        eigenvalues = eigenvalues[:count]
+        native = from_host(eigenvalues, rows, operator)
         return _LowRankPlusIdentity(rows, native, shift, floor)
 
 
