@@ -108,6 +108,28 @@ def test_block_cg_breakdown_on_indefinite_matrix_gives_no_nan():
     assert not info.all_converged
 
 
+def test_block_cg_on_indefinite_matrix_continues_column_by_column():
+    """Negative curvature in the shared space stops only the columns that meet it.
+
+    Block CG hands the running columns to one CG each (as ``block=False``):
+    the right-hand side in the positive eigenspace converges to the exact
+    solution, the one with a component along the negative eigenvalue stops.
+    """
+    matrix = np.diag([1.0, 2.0, 3.0, -1.0])
+    rhs = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    plain = CgSolver(rtol=1e-12, atol=0.0, preconditioner=None, block=False)
+    block = CgSolver(rtol=1e-12, atol=0.0, preconditioner=None, block=True)
+    with pytest.warns(influx.NotConvergedWarning, match="not positive definite"):
+        expected, plain_info = solve(plain, matrix, rhs)
+    with pytest.warns(influx.NotConvergedWarning, match="not positive definite"):
+        x, info = solve(block, matrix, rhs)
+    np.testing.assert_array_equal(info.converged, [True, False])
+    np.testing.assert_array_equal(plain_info.converged, [True, False])
+    np.testing.assert_allclose(x[0], [1.0, 0.5, 1 / 3, 0.0], rtol=1e-10, atol=1e-12)
+    assert info.extra["plain_after_indefinite"]
+    assert np.all(np.isfinite(x))
+
+
 def _ill_conditioned(size: int = 200) -> np.ndarray:
     """20 large eigenvalues (10 .. 1e3) over a spread tail (1e-3 .. 1e-1)."""
     tail = np.logspace(-3, -1, size - 20)

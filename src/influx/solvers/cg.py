@@ -139,7 +139,7 @@ class CgSolver(Solver):
         xp = array_namespace(rhs)
         acc = accumulation_dtype(rhs)
         b = xp.astype(rhs, acc)
-        k, size = int(b.shape[0]), int(b.shape[1])
+        size = int(b.shape[1])
         maxiter = self.maxiter if self.maxiter is not None else 10 * size
         b_norms = to_host(row_norms(b), op)
         thresholds = np.maximum(self.rtol * b_norms, self.atol)
@@ -158,6 +158,30 @@ class CgSolver(Solver):
             return self._solve_block(
                 op, rhs, b, x, r, b_norms, thresholds, maxiter, precondition, progress
             )
+        x, info = self._solve_plain(
+            op, x, r, b_norms, thresholds, maxiter, precondition, progress
+        )
+        warn_if_not_converged(info)
+        return xp.astype(x, rhs.dtype), info
+
+    def _solve_plain(
+        self,
+        op: LinearOperator,
+        x: Any,
+        r: Any,
+        b_norms: np.ndarray,
+        thresholds: np.ndarray,
+        maxiter: int,
+        precondition: Any,
+        progress: bool,
+    ) -> tuple[Any, SolveInfo]:
+        """One CG per right-hand side from ``x`` with residuals ``r = b - A x``.
+
+        Returns the solutions in the accumulation dtype and the info, without
+        warning.
+        """
+        xp = array_namespace(r)
+        k = int(r.shape[0])
         p = precondition(r)
         rr = xp.sum(r * r, axis=1)
         rz = xp.sum(r * p, axis=1)
@@ -231,8 +255,7 @@ class CgSolver(Solver):
                 "preconditioner": getattr(self.preconditioner, "name", None),
             },
         )
-        warn_if_not_converged(info)
-        return xp.astype(solution, rhs.dtype), info
+        return solution, info
 
     def _solve_block(
         self,
@@ -265,6 +288,7 @@ class CgSolver(Solver):
         running = np.ones(k, dtype=bool)
         directions = images = None  # D [s, P] and A D, row-wise
         passes, widths, stalled = 0, [], False
+        fallback: np.ndarray | None = None
         with progress_bar(progress, "Block CG", total=maxiter) as bar:
             for iteration in range(maxiter + 1):
                 norms = np.sqrt(np.maximum(to_host(xp.sum(r * r, axis=1), op), 0.0))
@@ -287,9 +311,11 @@ class CgSolver(Solver):
                 gram = to_host(candidates @ product.T, op)  # [s, s]: D A D^T
                 values, vectors = np.linalg.eigh((gram + gram.T) / 2)
                 if values[0] <= 0:
-                    # A is not positive definite on the search space.
-                    breakdown[active] = True
-                    running[active] = False
+                    # A is not positive definite on the shared search space:
+                    # go on with one CG per right-hand side (below), so that
+                    # only the columns whose own direction meets negative
+                    # curvature stop, as plain CG does.
+                    fallback = active
                     break
                 keep = values > values[-1] * eps * values.size
                 transform = from_host(
@@ -307,6 +333,25 @@ class CgSolver(Solver):
                 bar.update(1)
                 bar.set_postfix_str(f"running {active.size}/{k}")
 
+        plain_passes = 0
+        if fallback is not None:
+            rest = max(maxiter - int(iterations.max(initial=0)), 0)
+            solved, plain = self._solve_plain(
+                op,
+                _take(x, fallback),
+                _take(r, fallback),
+                b_norms[fallback],
+                thresholds[fallback],
+                rest,
+                precondition,
+                progress,
+            )
+            x = _replace_rows(x, fallback, solved)
+            iterations[fallback] += plain.iterations
+            residuals[fallback] = plain.residual_norms
+            converged[fallback] = plain.converged
+            breakdown[fallback] = ~plain.converged & (plain.iterations < rest)
+            plain_passes = int(plain.iterations.max(initial=0)) + 1
         message = _message(converged, breakdown, residuals, b_norms, maxiter, self)
         if stalled:
             late = ~converged
@@ -330,7 +375,8 @@ class CgSolver(Solver):
                 "residual": "recursive",
                 "preconditioner": getattr(self.preconditioner, "name", None),
                 "block": True,
-                "operator_passes": passes,
+                "operator_passes": passes + plain_passes,
+                "plain_after_indefinite": fallback is not None,
                 "block_widths": widths,
             },
         )
@@ -364,6 +410,15 @@ def _independent_rows(rows: Any, op: LinearOperator, cutoff: float) -> Any | Non
     keep = values > values[-1] * cutoff
     transform = (vectors[:, keep] / np.sqrt(values[keep])).T  # [s, K]
     return from_host(transform, rows, op) @ unit
+
+
+def _replace_rows(array: Any, rows: np.ndarray, values: Any) -> Any:
+    """``array`` with ``array[rows] = values`` (no in-place writes: JAX arrays)."""
+    xp = array_namespace(array)
+    others = np.setdiff1d(np.arange(int(array.shape[0])), rows)
+    joined = xp.concat([_take(array, others), xp.astype(values, array.dtype)], axis=0)
+    order = np.argsort(np.concatenate([others, rows]))
+    return _take(joined, order)
 
 
 def _identity(residuals: Any) -> Any:
