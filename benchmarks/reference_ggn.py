@@ -9,8 +9,10 @@ with ``torch.func`` only, independently of influx, so it checks influx too.
 Influences are ``s_j . grad l(z_n)``, influx's sign, ``[N_test, N_train]``.
 
 Usage: ``python benchmarks/reference_ggn.py --workload S1 --out DIR
-[--rtol 1e-8] [--maxiter 2000]``. ``--spectrum`` only prints a power-iteration
-estimate of the largest eigenvalue and a Hutchinson estimate of the mean one.
+[--rtol 1e-8] [--maxiter 2000] [--max-seconds 1200]``: CG stops at the first
+of the three (``result.json`` says which, with the largest relative
+residual). ``--spectrum`` only prints a power-iteration estimate of the
+largest eigenvalue and a Hutchinson estimate of the mean one.
 """
 
 from __future__ import annotations
@@ -98,8 +100,15 @@ class Ggn:
         return self.flat(g)
 
 
-def cg(op: Ggn, b: torch.Tensor, rtol: float, maxiter: int) -> tuple[Any, dict]:
-    """Conjugate gradients on every column of ``b [K, P]`` at once."""
+def cg(
+    op: Ggn, b: torch.Tensor, rtol: float, maxiter: int, max_seconds: float
+) -> tuple[Any, dict]:
+    """Conjugate gradients on every column of ``b [K, P]`` at once.
+
+    Stops when every column has ``||r|| <= rtol ||b||``, after ``maxiter``
+    iterations, or after ``max_seconds``; ``info`` says which.
+    """
+    start = time.perf_counter()
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -108,6 +117,8 @@ def cg(op: Ggn, b: torch.Tensor, rtol: float, maxiter: int) -> tuple[Any, dict]:
     active = r.norm(dim=1) > target
     it = 0
     while active.any() and it < maxiter:
+        if time.perf_counter() - start > max_seconds:
+            break
         q = op(p)
         alpha = torch.where(active, rr / (p * q).sum(1), torch.zeros_like(rr))
         x += alpha[:, None] * p
@@ -125,6 +136,7 @@ def cg(op: Ggn, b: torch.Tensor, rtol: float, maxiter: int) -> tuple[Any, dict]:
         "iterations": it,
         "max_relative_residual": float((r.norm(dim=1) / b.norm(dim=1)).max()),
         "converged": bool(not active.any()),
+        "stopped_by_time": bool(time.perf_counter() - start > max_seconds),
     }
     return x, info
 
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--maxiter", type=int, default=2000)
+    parser.add_argument("--max-seconds", type=float, default=1200.0)
     parser.add_argument("--spectrum", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     x_test = torch.from_numpy(workload.x_test).double()
     b = op.per_sample_grads(x_test, torch.from_numpy(workload.y_test))
-    s, info = cg(op, b, args.rtol, args.maxiter)
+    s, info = cg(op, b, args.rtol, args.maxiter, args.max_seconds)
     solve_s = time.perf_counter() - start
     scores = []
     for begin in range(0, len(op.x), 250):

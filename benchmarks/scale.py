@@ -1,0 +1,301 @@
+"""The S1/S2 benchmark (issue 9): run the jobs, one at a time, then report.
+
+``python benchmarks/scale.py run [--only PATTERN] [--force]`` runs every job
+of :func:`jobs` whose ``result.json`` is missing (each in a fresh process,
+``OMP_NUM_THREADS=1``, one after another) and writes
+``benchmarks/results/scale/<workload>/<tool>/<method>/``. The peers run in
+their own environments (``benchmarks/.envs/kronfluence-1.0.1`` and
+``pydvl-0.10.0``, built by ``nox -s bench``); influx runs in this
+interpreter. ``python benchmarks/scale.py report`` prints the Markdown section
+of ``docs/benchmarks.md`` from the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results" / "scale"
+ENVS = BENCH / ".envs"
+KRONFLUENCE = ENVS / "kronfluence-1.0.1" / "bin" / "python"
+PYDVL = ENVS / "pydvl-0.10.0" / "bin" / "python"
+
+INFLUX_METHODS = (
+    "kfac",
+    "ekfac",
+    "ekfac-empirical",
+    "block",
+    "cg",
+    "block-cg",
+    "arnoldi",
+)
+
+
+def jobs() -> list[tuple[str, list[str], float]]:
+    """``(result folder relative to RESULTS, argv, timeout s)`` in run order."""
+    out: list[tuple[str, list[str], float]] = []
+    for workload in ("S1", "S2"):
+        for method in ("kfac", "ekfac"):
+            for damping in ("equal", "default"):
+                rel = f"{workload}/kronfluence/{method}-{damping}"
+                out.append(
+                    (
+                        rel,
+                        [
+                            str(KRONFLUENCE),
+                            str(BENCH / "peer_kronfluence.py"),
+                            "--workload",
+                            workload,
+                            "--method",
+                            method,
+                            "--damping",
+                            damping,
+                            "--out",
+                            str(RESULTS / rel),
+                        ],
+                        1800,
+                    )
+                )
+        for method in ("ekfac", "nystroem", "block-cg"):
+            rel = f"{workload}/pydvl/{method}"
+            out.append(
+                (
+                    rel,
+                    [
+                        str(PYDVL),
+                        str(BENCH / "peer_pydvl.py"),
+                        "--workload",
+                        workload,
+                        "--method",
+                        method,
+                        "--repeats",
+                        "0",
+                        "--out",
+                        str(RESULTS / rel),
+                    ],
+                    1800,
+                )
+            )
+    for workload, seconds in (("S1", 900), ("S2", 1500)):
+        rel = f"{workload}/reference/cg-ggn"
+        out.append(
+            (
+                rel,
+                [
+                    sys.executable,
+                    str(BENCH / "reference_ggn.py"),
+                    "--workload",
+                    workload,
+                    "--rtol",
+                    "1e-8",
+                    "--max-seconds",
+                    str(seconds),
+                    "--out",
+                    str(RESULTS / rel),
+                ],
+                seconds + 900,
+            )
+        )
+    for workload in ("S1-10k", "S1-40k"):
+        rel = f"{workload}/kronfluence/kfac-equal"
+        out.append(
+            (
+                rel,
+                [
+                    str(KRONFLUENCE),
+                    str(BENCH / "peer_kronfluence.py"),
+                    "--workload",
+                    workload,
+                    "--method",
+                    "kfac",
+                    "--repeats",
+                    "0",
+                    "--out",
+                    str(RESULTS / rel),
+                ],
+                1800,
+            )
+        )
+    for workload in ("S1", "S2", "S1-10k", "S1-40k"):
+        methods = INFLUX_METHODS if workload in ("S1", "S2") else ("kfac",)
+        for backend in ("torch", "jax"):
+            for method in methods:
+                rel = f"{workload}/influx-{backend}/{method}"
+                out.append(
+                    (
+                        rel,
+                        [
+                            sys.executable,
+                            str(BENCH / "run_scale.py"),
+                            "--backend",
+                            backend,
+                            "--workload",
+                            workload,
+                            "--method",
+                            method,
+                            "--out",
+                            str(RESULTS / rel),
+                        ],
+                        1800,
+                    )
+                )
+    return out
+
+
+def run_jobs(only: str, force: bool) -> None:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "XLA_FLAGS": (
+            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ),
+        "PYTHONPATH": os.pathsep.join(
+            [str(BENCH.parent / "src"), str(BENCH.parent / "backends")]
+        ),
+    }
+    for rel, argv, timeout in jobs():
+        if not fnmatch.fnmatch(rel, only):
+            continue
+        target = RESULTS / rel / "result.json"
+        if target.exists() and not force:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(target.parent / "log.txt", "w") as log:
+            try:
+                code = subprocess.run(
+                    argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout
+                ).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        if not target.exists():
+            target.write_text(json.dumps({"error": f"exit {code}", "argv": argv}))
+        print(f"{rel}: {code} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+# --------------------------------------------------------------------------- #
+# Report
+# --------------------------------------------------------------------------- #
+
+
+def _load(rel: str) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    folder = RESULTS / rel
+    if not (folder / "result.json").exists():
+        return None, None
+    meta = json.loads((folder / "result.json").read_text())
+    path = folder / "influences.npy"
+    return meta, (np.load(path).astype(np.float64) if path.exists() else None)
+
+
+def _rank(a: np.ndarray) -> np.ndarray:
+    order = a.argsort(axis=-1)
+    ranks = np.empty_like(order, dtype=np.float64)
+    np.put_along_axis(ranks, order, np.arange(a.shape[-1], dtype=np.float64), -1)
+    return ranks
+
+
+def accuracy(values: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Pearson (flattened), mean Spearman per test point, mean top-10% overlap.
+
+    The top 10% are the training points of largest influence (influx's sign:
+    most helpful) for each test point.
+    """
+    pearson = float(np.corrcoef(values.ravel(), ref.ravel())[0, 1])
+    rv, rr = _rank(values), _rank(ref)
+    spearman = float(
+        np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(rv, rr, strict=True)])
+    )
+    k = max(1, ref.shape[1] // 10)
+    overlaps = [
+        len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
+        for a, b in zip(values, ref, strict=True)
+    ]
+    return {"pearson": pearson, "spearman": spearman, "top10": float(np.mean(overlaps))}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def rows(workload: str) -> list[dict[str, Any]]:
+    """One row per measured job of ``workload`` (tool, method, times, accuracy)."""
+    _, ref = _load(f"{workload}/reference/cg-ggn")
+    out = []
+    folder = RESULTS / workload
+    if not folder.exists():
+        return out
+    for tool_dir in sorted(folder.iterdir()):
+        if tool_dir.name == "reference":
+            continue
+        for method_dir in sorted(tool_dir.iterdir()):
+            meta, values = _load(f"{workload}/{tool_dir.name}/{method_dir.name}")
+            if meta is None:
+                continue
+            row = {"tool": tool_dir.name, "method": method_dir.name, **meta}
+            if values is not None and ref is not None and np.all(np.isfinite(values)):
+                row.update(accuracy(values, ref))
+            out.append(row)
+    return out
+
+
+def report() -> str:
+    lines: list[str] = []
+    for workload in ("S1", "S2"):
+        ref_meta, _ = _load(f"{workload}/reference/cg-ggn")
+        lines.append(f"### {workload}\n")
+        if ref_meta:
+            lines.append(
+                "Reference: CG on the Gauss-Newton matrix, float64 "
+                f"(`benchmarks/reference_ggn.py`), {ref_meta.get('iterations')} "
+                "iterations, largest relative residual "
+                f"{_fmt(ref_meta.get('max_relative_residual'))}, "
+                f"{_fmt(ref_meta.get('total_s'))} s.\n"
+            )
+        lines.append(
+            "| tool | method | fit s | query s | peak MiB | Pearson | Spearman "
+            "| top-10% | notes |"
+        )
+        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for row in rows(workload):
+            note = row.get("error") or ""
+            lines.append(
+                f"| {row['tool']} | {row['method']} | {_fmt(row.get('fit_s'))} "
+                f"| {_fmt(row.get('query_s'))} | {_fmt(row.get('peak_mib'))} "
+                f"| {_fmt(row.get('pearson'), 4)} | {_fmt(row.get('spearman'), 4)} "
+                f"| {_fmt(row.get('top10'), 3)} | {note[:120]} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run")
+    run_parser.add_argument("--only", default="*", help="glob on WORKLOAD/TOOL/METHOD")
+    run_parser.add_argument("--force", action="store_true")
+    sub.add_parser("report")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_jobs(args.only, args.force)
+    else:
+        print(report())
+
+
+if __name__ == "__main__":
+    main()
