@@ -7,6 +7,9 @@ gradients on all test points at once (one ``[K, P]`` product per iteration,
 each column stopped at ``||r|| <= rtol ||b||``), all in float64. Written here
 with ``torch.func`` only, independently of influx, so it checks influx too.
 Influences are ``s_j . grad l(z_n)``, influx's sign, ``[N_test, N_train]``.
+``result.json`` also records, for each residual level 1e-1, 1e-2, ... that CG
+passed, the Pearson correlation of the scores at that iterate with the final
+ones: how converged the reference is.
 
 Usage: ``python benchmarks/reference_ggn.py --workload S1 --out DIR
 [--rtol 1e-8] [--maxiter 2000] [--max-seconds 1200]``: CG stops at the first
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
@@ -116,6 +120,8 @@ def cg(
     target = rtol * b.norm(dim=1)
     active = r.norm(dim=1) > target
     it = 0
+    checkpoints: dict[str, torch.Tensor] = {}
+    levels = [10.0**-k for k in range(1, 9)]
     while active.any() and it < maxiter:
         if time.perf_counter() - start > max_seconds:
             break
@@ -129,6 +135,9 @@ def cg(
         rr = rr_new
         active = r.norm(dim=1) > target
         it += 1
+        worst = float((r.norm(dim=1) / b.norm(dim=1)).max())
+        while levels and worst <= levels[0]:
+            checkpoints[f"{levels.pop(0):.0e}"] = x.clone()
         if it % 10 == 0:
             rel = (r.norm(dim=1) / b.norm(dim=1)).max()
             print(f"  iteration {it}: max relative residual {rel:.2e}", flush=True)
@@ -137,6 +146,7 @@ def cg(
         "max_relative_residual": float((r.norm(dim=1) / b.norm(dim=1)).max()),
         "converged": bool(not active.any()),
         "stopped_by_time": bool(time.perf_counter() - start > max_seconds),
+        "checkpoints": checkpoints,
     }
     return x, info
 
@@ -176,11 +186,22 @@ def main(argv: list[str] | None = None) -> None:
     b = op.per_sample_grads(x_test, torch.from_numpy(workload.y_test))
     s, info = cg(op, b, args.rtol, args.maxiter, args.max_seconds)
     solve_s = time.perf_counter() - start
+    checkpoints = info.pop("checkpoints")
+    stacked = torch.cat([s, *checkpoints.values()])
     scores = []
     for begin in range(0, len(op.x), 250):
         g = op.per_sample_grads(op.x[begin : begin + 250], op.y[begin : begin + 250])
-        scores.append(s @ g.T)
-    result = torch.cat(scores, dim=1).numpy()
+        scores.append(stacked @ g.T)
+    every = torch.cat(scores, dim=1).numpy()
+    result, k = every[: len(s)], len(s)
+    # How far the scores still moved: Pearson of each checkpoint (the first
+    # iterate whose largest relative residual is below the level) with the end.
+    info["pearson_at_residual"] = {
+        level: float(
+            np.corrcoef(every[k * (i + 1) : k * (i + 2)].ravel(), result.ravel())[0, 1]
+        )
+        for i, level in enumerate(checkpoints)
+    }
     meta = {
         "tool": "reference",
         "method": "cg-ggn-float64",
