@@ -189,8 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = info.pop("checkpoints")
     stacked = torch.cat([s, *checkpoints.values()])
     scores = []
-    for begin in range(0, len(op.x), 250):
-        g = op.per_sample_grads(op.x[begin : begin + 250], op.y[begin : begin + 250])
+    chunk = max(8, min(250, int(5e7 // op.size)))  # [chunk, P] float64 <= 400 MB
+    for begin in range(0, len(op.x), chunk):
+        g = op.per_sample_grads(
+            op.x[begin : begin + chunk], op.y[begin : begin + chunk]
+        )
         scores.append(stacked @ g.T)
     every = torch.cat(scores, dim=1).numpy()
     result, k = every[: len(s)], len(s)

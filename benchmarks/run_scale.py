@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -76,6 +77,23 @@ def build(backend: str, workload: Any, dtype: str) -> tuple[Any, Any]:
     return model, array
 
 
+def _tree_commit() -> str | None:
+    """``PATH@commit`` of the influx checkout imported (``INFLUX_BENCH_TREE``)."""
+    tree = os.environ.get("INFLUX_BENCH_TREE")
+    if not tree:
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", tree, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = "?"
+    return f"{tree}@{head}"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import influx
 
@@ -102,6 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_params": workload.num_params,
         "n_train": len(workload.x_train),
         "loadavg_before": os.getloadavg()[0],
+        "influx_tree": _tree_commit(),
     }
     state: dict[str, Any] = {}
 
