@@ -245,40 +245,177 @@ def rows(workload: str) -> list[dict[str, Any]]:
             meta, values = _load(f"{workload}/{tool_dir.name}/{method_dir.name}")
             if meta is None:
                 continue
-            row = {"tool": tool_dir.name, "method": method_dir.name, **meta}
+            row = {**meta, "tool": tool_dir.name, "method": method_dir.name}
             if values is not None and ref is not None and np.all(np.isfinite(values)):
                 row.update(accuracy(values, ref))
             out.append(row)
     return out
 
 
+#: (influx method, kronfluence method) compared at equal settings.
+PAIRS = (("kfac", "kfac-equal"), ("ekfac", "ekfac-equal"))
+
+
+def _row(table: list[dict[str, Any]], tool: str, method: str) -> dict[str, Any]:
+    for row in table:
+        if row["tool"] == tool and row["method"] == method and "error" not in row:
+            return row
+    return {}
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if a and b else None
+
+
+def _total(row: dict[str, Any]) -> float | None:
+    if row.get("fit_s") is None or row.get("query_s") is None:
+        return None
+    return row["fit_s"] + row["query_s"]
+
+
+def _workload_section(workload: str) -> list[str]:
+    lines = [f"### {workload}: {SPEC_TEXT[workload]}", ""]
+    ref_meta, _ = _load(f"{workload}/reference/cg-ggn")
+    if ref_meta and "error" not in ref_meta:
+        moved = ref_meta.get("pearson_at_residual", {})
+        trail = ", ".join(f"{_fmt(v, 6)} at {k}" for k, v in moved.items())
+        lines.append(
+            "Reference: CG on the Gauss-Newton matrix in float64 "
+            f"(`benchmarks/reference_ggn.py`): {ref_meta.get('iterations')} "
+            "iterations, largest relative residual "
+            f"{_fmt(ref_meta.get('max_relative_residual'))} "
+            f"({_fmt(ref_meta.get('solve_s'))} s). Pearson of the scores at "
+            f"earlier iterates with the final ones: {trail or '-'}."
+        )
+    else:
+        lines.append("Reference: missing (no accuracy columns).")
+    lines += [
+        "",
+        "| tool | method | fit s | query s | peak MiB | Pearson | Spearman "
+        "| top-10% | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    table = rows(workload)
+    for row in table:
+        note = (row.get("error") or "").replace("|", "/")
+        lines.append(
+            f"| {row['tool']} | {row['method']} | {_fmt(row.get('fit_s'))} "
+            f"| {_fmt(row.get('query_s'))} | {_fmt(row.get('peak_mib'))} "
+            f"| {_fmt(row.get('pearson'), 4)} | {_fmt(row.get('spearman'), 4)} "
+            f"| {_fmt(row.get('top10'), 3)} | {note[:160]} |"
+        )
+    lines += [
+        "",
+        "Against kronfluence at equal settings (damping = lambda): time ratios "
+        "kronfluence / influx (>= 1: influx is faster), peak memory, Pearson "
+        "difference (influx - kronfluence).",
+        "",
+        "| method | backend | fit ratio | query ratio | peak MiB influx / kronfluence "
+        "| Pearson influx - kronfluence |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for ours, theirs in PAIRS:
+        peer = _row(table, "kronfluence", theirs)
+        for backend in ("torch", "jax"):
+            mine = _row(table, f"influx-{backend}", ours)
+            if not mine or not peer:
+                lines.append(f"| {ours} | {backend} | - | - | - | - |")
+                continue
+            diff = (
+                mine["pearson"] - peer["pearson"]
+                if "pearson" in mine and "pearson" in peer
+                else None
+            )
+            lines.append(
+                f"| {ours} | {backend} "
+                f"| {_fmt(_ratio(peer.get('fit_s'), mine.get('fit_s')))} "
+                f"| {_fmt(_ratio(peer.get('query_s'), mine.get('query_s')))} "
+                f"| {_fmt(mine.get('peak_mib'))} / {_fmt(peer.get('peak_mib'))} "
+                f"| {_fmt(diff, 3)} |"
+            )
+    lines += [
+        "",
+        "JAX / torch (same weights, single thread, warm): ",
+        "",
+        "| method | fit | query |",
+        "| --- | ---: | ---: |",
+    ]
+    for method in INFLUX_METHODS:
+        t, j = _row(table, "influx-torch", method), _row(table, "influx-jax", method)
+        if t and j:
+            lines.append(
+                f"| {method} | {_fmt(_ratio(j.get('fit_s'), t.get('fit_s')))} "
+                f"| {_fmt(_ratio(j.get('query_s'), t.get('query_s')))} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _which_method(workloads: tuple[str, ...]) -> list[str]:
+    lines = [
+        "### Which method when",
+        "",
+        "Accuracy against time on each workload (torch, single thread; fit + "
+        "query of 10 test points), fastest first.",
+        "",
+        "| workload | tool | method | fit + query s | Pearson | top-10% |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for workload in workloads:
+        table = [
+            r
+            for r in rows(workload)
+            if "error" not in r
+            and _total(r) is not None
+            and r["tool"] != "influx-jax"
+            and not r["method"].endswith("-default")
+        ]
+        table.sort(key=lambda r: _total(r))
+        for r in table:
+            lines.append(
+                f"| {workload} | {r['tool']} | {r['method']} | {_fmt(_total(r))} "
+                f"| {_fmt(r.get('pearson'), 4)} | {_fmt(r.get('top10'), 3)} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _memory_section() -> list[str]:
+    lines = [
+        "### Peak memory against N_train (S1 weights, K-FAC)",
+        "",
+        "| tool | 10,000 points MiB | 40,000 points MiB | fit s (10k / 40k) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    tools = ("influx-torch", "influx-jax", "kronfluence")
+    for tool in tools:
+        method = "kfac-equal" if tool == "kronfluence" else "kfac"
+        small, _ = _load(f"S1-10k/{tool}/{method}")
+        large, _ = _load(f"S1-40k/{tool}/{method}")
+        if not small or not large:
+            continue
+        lines.append(
+            f"| {tool} | {_fmt(small.get('peak_mib'))} | {_fmt(large.get('peak_mib'))} "
+            f"| {_fmt(small.get('fit_s'))} / {_fmt(large.get('fit_s'))} |"
+        )
+    lines.append("")
+    return lines
+
+
+SPEC_TEXT = {
+    "S1": "digits shifted, CNN (133,738 parameters), 5,000 train / 10 test",
+    "S2": "digits shifted, MLP 64-1024-1024-10 tanh (1,126,410 parameters), "
+    "2,000 train / 10 test",
+}
+
+
 def report() -> str:
+    """The Markdown section of ``docs/benchmarks.md`` from the results."""
     lines: list[str] = []
     for workload in ("S1", "S2"):
-        ref_meta, _ = _load(f"{workload}/reference/cg-ggn")
-        lines.append(f"### {workload}\n")
-        if ref_meta:
-            lines.append(
-                "Reference: CG on the Gauss-Newton matrix, float64 "
-                f"(`benchmarks/reference_ggn.py`), {ref_meta.get('iterations')} "
-                "iterations, largest relative residual "
-                f"{_fmt(ref_meta.get('max_relative_residual'))}, "
-                f"{_fmt(ref_meta.get('total_s'))} s.\n"
-            )
-        lines.append(
-            "| tool | method | fit s | query s | peak MiB | Pearson | Spearman "
-            "| top-10% | notes |"
-        )
-        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-        for row in rows(workload):
-            note = row.get("error") or ""
-            lines.append(
-                f"| {row['tool']} | {row['method']} | {_fmt(row.get('fit_s'))} "
-                f"| {_fmt(row.get('query_s'))} | {_fmt(row.get('peak_mib'))} "
-                f"| {_fmt(row.get('pearson'), 4)} | {_fmt(row.get('spearman'), 4)} "
-                f"| {_fmt(row.get('top10'), 3)} | {note[:120]} |"
-            )
-        lines.append("")
+        lines += _workload_section(workload)
+    lines += _memory_section()
+    lines += _which_method(("S1", "S2"))
     return "\n".join(lines)
 
 
