@@ -6,8 +6,10 @@ of :func:`jobs` whose ``result.json`` is missing (each in a fresh process,
 ``benchmarks/results/scale/<workload>/<tool>/<method>/``. The peers run in
 their own environments (``benchmarks/.envs/kronfluence-1.0.1`` and
 ``pydvl-0.10.0``, built by ``nox -s bench``); influx runs in this
-interpreter. ``python benchmarks/scale.py report`` prints the Markdown section
-of ``docs/benchmarks.md`` from the results.
+interpreter (or the checkout named by ``--influx-tree``). ``python
+benchmarks/scale.py report [--write docs/benchmarks.md]`` prints the Markdown
+tables of ``docs/benchmarks.md``'s S1/S2 section from the results (or
+replaces them between the section's markers).
 """
 
 from __future__ import annotations
@@ -432,12 +434,29 @@ def main(argv: list[str] | None = None) -> None:
         help="the influx checkout whose src/ and backends/ the influx jobs import "
         "(default this one)",
     )
-    sub.add_parser("report")
+    report_parser = sub.add_parser("report")
+    report_parser.add_argument(
+        "--write",
+        type=Path,
+        default=None,
+        help="replace the text between the scale markers of this file "
+        "(docs/benchmarks.md) instead of printing",
+    )
     args = parser.parse_args(argv)
     if args.command == "run":
         run_jobs(args.only, args.force, args.influx_tree.resolve())
-    else:
+    elif args.write is None:
         print(report())
+    else:
+        text = args.write.read_text()
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        args.write.write_text(f"{head}{BEGIN}\n{report()}\n{END}{tail}")
+
+
+#: The markers around the generated part of docs/benchmarks.md.
+BEGIN = "<!-- scale.py report: begin -->"
+END = "<!-- scale.py report: end -->"
 
 
 if __name__ == "__main__":
