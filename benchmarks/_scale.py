@@ -66,19 +66,19 @@ SCALE_SPECS = {
         5_000,
         "digits shifted, CNN conv8-conv16-fc128-10 ReLU (133,738 parameters), "
         "5,000 train / 10 test",
-        0.1,
+        1.0,
         500,
         "S1",
     ),
-    "S1-10k": ScaleSpec("S1-10k", "cnn", 10_000, "S1 on 10,000 images", 0.1, 500, "S1"),
-    "S1-40k": ScaleSpec("S1-40k", "cnn", 40_000, "S1 on 40,000 images", 0.1, 500, "S1"),
+    "S1-10k": ScaleSpec("S1-10k", "cnn", 10_000, "S1 on 10,000 images", 1.0, 500, "S1"),
+    "S1-40k": ScaleSpec("S1-40k", "cnn", 40_000, "S1 on 40,000 images", 1.0, 500, "S1"),
     "S2": ScaleSpec(
         "S2",
         "mlp",
         2_000,
         "digits shifted, MLP 64-1024-1024-10 tanh (1,126,410 parameters), "
         "2,000 train / 10 test",
-        0.1,
+        1.0,
         500,
         "S2",
     ),
