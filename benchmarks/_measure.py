@@ -53,7 +53,9 @@ class Measurement(dict):
     """
 
 
-def measure(call: Callable[[], Any], repeats: int = 3) -> tuple[Measurement, Any]:
+def measure(
+    call: Callable[[], Any], repeats: int = 3, slow_s: float = SLOW_RUN_S
+) -> tuple[Measurement, Any]:
     """Time ``call`` once cold, then ``repeats`` more times warm.
 
     Parameters
@@ -61,8 +63,10 @@ def measure(call: Callable[[], Any], repeats: int = 3) -> tuple[Measurement, Any
     call
         The work to time; its result from the first run is returned.
     repeats
-        Warm runs after the first. A first run slower than ``SLOW_RUN_S`` is
-        not repeated and serves as the only sample.
+        Warm runs after the first. A first run slower than ``slow_s``
+        (default ``SLOW_RUN_S``) is not repeated and serves as the only sample.
+    slow_s
+        See ``repeats``.
 
     Returns
     -------
@@ -74,7 +78,7 @@ def measure(call: Callable[[], Any], repeats: int = 3) -> tuple[Measurement, Any
     result = call()
     cold = time.perf_counter() - start
     times = []
-    if cold < SLOW_RUN_S:
+    if cold < slow_s:
         for _ in range(repeats):
             start = time.perf_counter()
             call()
