@@ -4,7 +4,9 @@
 (``J_n`` the Jacobian of the logits in the parameters, ``H_n = diag(p_n) - p_n
 p_n^T`` the Hessian of the cross-entropy in the logits), solved by conjugate
 gradients on all test points at once (one ``[K, P]`` product per iteration,
-each column stopped at ``||r|| <= rtol ||b||``), all in float64. Written here
+each column stopped at ``||r|| <= rtol ||b||``), CG in float64 and the
+products in ``--dtype`` (float64 by default; float32 halves their cost and
+bounds the attainable residual near 1e-6). Written here
 with ``torch.func`` only, independently of influx, so it checks influx too.
 Influences are ``s_j . grad l(z_n)``, influx's sign, ``[N_test, N_train]``.
 ``result.json`` also records, for each residual level 1e-1, 1e-2, ... that CG
@@ -39,15 +41,16 @@ CHUNK = 1000
 
 
 class Ggn:
-    """``V [K, P] -> (G + lam I) V`` over the training set, float64."""
+    """``V [K, P] -> (G + lam I) V`` over the training set (float64 in and out)."""
 
-    def __init__(self, workload: Any, lam: float) -> None:
-        self.net = torch_module(workload, "float64")
+    def __init__(self, workload: Any, lam: float, dtype: str = "float64") -> None:
+        self.net = torch_module(workload, dtype)
+        self.dtype = getattr(torch, dtype)
         self.names = [n for n, _ in self.net.named_parameters()]
         self.shapes = [p.shape for _, p in self.net.named_parameters()]
         self.sizes = [p.numel() for _, p in self.net.named_parameters()]
         self.theta = {n: p.detach() for n, p in self.net.named_parameters()}
-        self.x = torch.from_numpy(workload.x_train).double()
+        self.x = torch.from_numpy(workload.x_train).to(self.dtype)
         self.y = torch.from_numpy(workload.y_train)
         self.lam = lam
         self.size = sum(self.sizes)
@@ -65,7 +68,8 @@ class Ggn:
     def logits(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.net, theta, (x,))
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, v64: torch.Tensor) -> torch.Tensor:
+        v = v64.to(self.dtype)
         out = torch.zeros_like(v)
         tangents = self.unflat_batch(v)
         for start in range(0, len(self.x), CHUNK):
@@ -84,7 +88,7 @@ class Ggn:
             hu = p * u - p * (p * u).sum(-1, keepdim=True)
             back = vmap(lambda c, pullback=pullback: pullback(c)[0])(hu)
             out += self.flat(back)
-        return out / len(self.x) + self.lam * v
+        return (out / len(self.x)).double() + self.lam * v64
 
     def unflat_batch(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = torch.split(v, self.sizes, dim=1)
@@ -101,7 +105,7 @@ class Ggn:
             return torch.nn.functional.cross_entropy(z, yi[None])
 
         g = vmap(grad(loss), in_dims=(None, 0, 0))(self.theta, x, y)
-        return self.flat(g)
+        return self.flat(g).double()
 
 
 def cg(
@@ -170,19 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--maxiter", type=int, default=2000)
     parser.add_argument("--max-seconds", type=float, default=1200.0)
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--spectrum", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     workload = load_scale(args.workload)
-    op = Ggn(workload, workload.spec.hessian_regularization)
+    op = Ggn(workload, workload.spec.hessian_regularization, args.dtype)
     if args.spectrum:
         start = time.perf_counter()
-        op(torch.zeros(10, op.size, dtype=torch.float64))
+        op(torch.zeros(10, op.size, dtype=op.dtype))
         print(f"one [10, P] product: {time.perf_counter() - start:.2f} s")
         spectrum(op)
         return
     start = time.perf_counter()
-    x_test = torch.from_numpy(workload.x_test).double()
+    x_test = torch.from_numpy(workload.x_test).to(op.dtype)
     b = op.per_sample_grads(x_test, torch.from_numpy(workload.y_test))
     s, info = cg(op, b, args.rtol, args.maxiter, args.max_seconds)
     solve_s = time.perf_counter() - start
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     meta = {
         "tool": "reference",
-        "method": "cg-ggn-float64",
+        "method": f"cg-ggn-{args.dtype}",
         "workload": args.workload,
         "rtol": args.rtol,
         "regularization": op.lam,

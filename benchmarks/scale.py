@@ -100,6 +100,8 @@ def jobs() -> list[tuple[str, list[str], float]]:
                     workload,
                     "--rtol",
                     "1e-8",
+                    "--dtype",
+                    "float32",
                     "--max-seconds",
                     str(seconds),
                     "--out",
