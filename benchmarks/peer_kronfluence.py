@@ -122,10 +122,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     fit_m, _ = measure(fit, args.repeats)
     query_m, scores = measure(query, args.repeats)
+    meta = _record(
+        args, kronfluence, spec, workload, score_args, fit_m, query_m, scores
+    )
+    write_result(args.out, meta, None, scores.detach().double().numpy())
+    if args.also_default:
+        # The fit does not depend on the damping: query again with the default
+        # damping_factor and record it beside, with the same fit.
+        score_args.damping_factor = ScoreArguments().damping_factor
+        query_d, scores_d = measure(query, args.repeats)
+        args.damping = "default"
+        meta_d = _record(
+            args, kronfluence, spec, workload, score_args, fit_m, query_d, scores_d
+        )
+        meta_d["note"] = "fit shared with the equal-damping run"
+        write_result(args.also_default, meta_d, None, scores_d.double().numpy())
     shutil.rmtree(scratch, ignore_errors=True)
+    return meta
+
+
+def _record(
+    args: argparse.Namespace,
+    kronfluence: Any,
+    spec: Any,
+    workload: Any,
+    score_args: Any,
+    fit_m: dict[str, Any],
+    query_m: dict[str, Any],
+    scores: Any,
+) -> dict[str, Any]:
     result = scores.detach().double().numpy()
     peaks = [m["peak_mib"] for m in (fit_m, query_m) if m["peak_mib"] is not None]
-    meta = {
+    return {
         "tool": "kronfluence",
         "version": kronfluence.__version__,
         "workload": args.workload,
@@ -137,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "num_params": workload.num_params,
-        "n_train": len(train),
+        "n_train": len(workload.x_train),
         "loadavg_before": os.getloadavg()[0],
         "fit": fit_m,
         "query": query_m,
@@ -147,8 +175,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shape": list(result.shape),
         "nan": bool(not np.all(np.isfinite(result))),
     }
-    write_result(args.out, meta, None, result)
-    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--damping", choices=("default", "equal"), default="equal")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--also-default",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after the run, query again with kronfluence's default damping "
+        "(same fit) and write that result to DIR",
+    )
     meta = run(parser.parse_args(argv))
     print(
         f"kronfluence {meta['workload']} {meta['method']} ({meta['damping']}): "

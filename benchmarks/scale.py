@@ -48,26 +48,28 @@ def jobs() -> list[tuple[str, list[str], float]]:
     out: list[tuple[str, list[str], float]] = []
     for workload in ("S1", "S2"):
         for method in ("kfac", "ekfac"):
-            for damping in ("equal", "default"):
-                rel = f"{workload}/kronfluence/{method}-{damping}"
-                out.append(
-                    (
-                        rel,
-                        [
-                            str(KRONFLUENCE),
-                            str(BENCH / "peer_kronfluence.py"),
-                            "--workload",
-                            workload,
-                            "--method",
-                            method,
-                            "--damping",
-                            damping,
-                            "--out",
-                            str(RESULTS / rel),
-                        ],
-                        1800,
-                    )
+            rel = f"{workload}/kronfluence/{method}-equal"
+            default = RESULTS / f"{workload}/kronfluence/{method}-default"
+            out.append(
+                (
+                    rel,
+                    [
+                        str(KRONFLUENCE),
+                        str(BENCH / "peer_kronfluence.py"),
+                        "--workload",
+                        workload,
+                        "--method",
+                        method,
+                        "--damping",
+                        "equal",
+                        "--also-default",
+                        str(default),
+                        "--out",
+                        str(RESULTS / rel),
+                    ],
+                    2400,
                 )
+            )
         for method in ("ekfac", "nystroem", "block-cg"):
             rel = f"{workload}/pydvl/{method}"
             out.append(
