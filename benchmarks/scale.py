@@ -132,29 +132,26 @@ def jobs() -> list[tuple[str, list[str], float]]:
                 1800,
             )
         )
-    for workload in ("S1", "S2", "S1-10k", "S1-40k"):
-        methods = INFLUX_METHODS if workload in ("S1", "S2") else ("kfac",)
-        for backend in ("torch", "jax"):
-            for method in methods:
-                rel = f"{workload}/influx-{backend}/{method}"
-                out.append(
-                    (
-                        rel,
-                        [
-                            sys.executable,
-                            str(BENCH / "run_scale.py"),
-                            "--backend",
-                            backend,
-                            "--workload",
-                            workload,
-                            "--method",
-                            method,
-                            "--out",
-                            str(RESULTS / rel),
-                        ],
-                        1800,
-                    )
-                )
+    # influx: the Kronecker methods first (cheap), then the memory sweep, then
+    # the flat solvers (each a multiple of the reference's cost).
+    plan = [
+        (w, b, m)
+        for w in ("S1", "S2")
+        for b in ("torch", "jax")
+        for m in ("kfac", "ekfac", "ekfac-empirical")
+    ]
+    plan += [(w, b, "kfac") for w in ("S1-10k", "S1-40k") for b in ("torch", "jax")]
+    plan += [
+        (w, b, m)
+        for m in ("block-cg", "block", "cg", "arnoldi")
+        for b in ("torch", "jax")
+        for w in ("S1", "S2")
+    ]
+    for workload, backend, method in plan:
+        rel = f"{workload}/influx-{backend}/{method}"
+        argv = [sys.executable, str(BENCH / "run_scale.py"), "--backend", backend]
+        argv += ["--workload", workload, "--method", method]
+        out.append((rel, [*argv, "--out", str(RESULTS / rel)], 1200))
     return out
 
 
