@@ -295,8 +295,8 @@ def _workload_section(workload: str) -> list[str]:
     lines += [
         "",
         "| tool | method | fit s | query s | peak MiB | Pearson | Spearman "
-        "| top-10% | notes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| top-10% | load | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     table = rows(workload)
     for row in table:
@@ -305,7 +305,8 @@ def _workload_section(workload: str) -> list[str]:
             f"| {row['tool']} | {row['method']} | {_fmt(row.get('fit_s'))} "
             f"| {_fmt(row.get('query_s'))} | {_fmt(row.get('peak_mib'))} "
             f"| {_fmt(row.get('pearson'), 4)} | {_fmt(row.get('spearman'), 4)} "
-            f"| {_fmt(row.get('top10'), 3)} | {note[:160]} |"
+            f"| {_fmt(row.get('top10'), 3)} | {_fmt(row.get('loadavg_before'), 2)} "
+            f"| {note[:160]} |"
         )
     lines += [
         "",
