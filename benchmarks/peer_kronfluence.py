@@ -171,6 +171,8 @@ def _record(
         "query": query_m,
         "fit_s": fit_m["median_s"],
         "query_s": query_m["median_s"],
+        "fit_cpu_s": fit_m.get("median_cpu_s"),
+        "query_cpu_s": query_m.get("median_cpu_s"),
         "peak_mib": max(peaks) if peaks else None,
         "shape": list(result.shape),
         "nan": bool(not np.all(np.isfinite(result))),
