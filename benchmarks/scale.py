@@ -270,10 +270,14 @@ def _ratio(a: Any, b: Any) -> float | None:
     return a / b if a and b else None
 
 
+def _time(row: dict[str, Any], phase: str) -> float | None:
+    """CPU seconds of ``phase`` (``fit``/``query``) when recorded, else wall."""
+    return row.get(f"{phase}_cpu_s") or row.get(f"{phase}_s")
+
+
 def _total(row: dict[str, Any]) -> float | None:
-    if row.get("fit_s") is None or row.get("query_s") is None:
-        return None
-    return row["fit_s"] + row["query_s"]
+    fit, query = _time(row, "fit"), _time(row, "query")
+    return None if fit is None or query is None else fit + query
 
 
 def _workload_section(workload: str) -> list[str]:
@@ -294,16 +298,18 @@ def _workload_section(workload: str) -> list[str]:
         lines.append("Reference: missing (no accuracy columns).")
     lines += [
         "",
-        "| tool | method | fit s | query s | peak MiB | Pearson | Spearman "
-        "| top-10% | load | notes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| tool | method | fit s | fit CPU s | query s | query CPU s | peak MiB "
+        "| Pearson | Spearman | top-10% | load | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| --- |",
     ]
     table = rows(workload)
     for row in table:
         note = (row.get("error") or "").replace("|", "/")
         lines.append(
             f"| {row['tool']} | {row['method']} | {_fmt(row.get('fit_s'))} "
-            f"| {_fmt(row.get('query_s'))} | {_fmt(row.get('peak_mib'))} "
+            f"| {_fmt(row.get('fit_cpu_s'))} | {_fmt(row.get('query_s'))} "
+            f"| {_fmt(row.get('query_cpu_s'))} | {_fmt(row.get('peak_mib'))} "
             f"| {_fmt(row.get('pearson'), 4)} | {_fmt(row.get('spearman'), 4)} "
             f"| {_fmt(row.get('top10'), 3)} | {_fmt(row.get('loadavg_before'), 2)} "
             f"| {note[:160]} |"
@@ -311,8 +317,8 @@ def _workload_section(workload: str) -> list[str]:
     lines += [
         "",
         "Against kronfluence at equal settings (damping = lambda): time ratios "
-        "kronfluence / influx (>= 1: influx is faster), peak memory, Pearson "
-        "difference (influx - kronfluence).",
+        "kronfluence / influx in CPU seconds (>= 1: influx is faster), peak "
+        "memory, Pearson difference (influx - kronfluence).",
         "",
         "| method | backend | fit ratio | query ratio | peak MiB influx / kronfluence "
         "| Pearson influx - kronfluence |",
@@ -332,14 +338,14 @@ def _workload_section(workload: str) -> list[str]:
             )
             lines.append(
                 f"| {ours} | {backend} "
-                f"| {_fmt(_ratio(peer.get('fit_s'), mine.get('fit_s')))} "
-                f"| {_fmt(_ratio(peer.get('query_s'), mine.get('query_s')))} "
+                f"| {_fmt(_ratio(_time(peer, 'fit'), _time(mine, 'fit')))} "
+                f"| {_fmt(_ratio(_time(peer, 'query'), _time(mine, 'query')))} "
                 f"| {_fmt(mine.get('peak_mib'))} / {_fmt(peer.get('peak_mib'))} "
                 f"| {_fmt(diff, 3)} |"
             )
     lines += [
         "",
-        "JAX / torch (same weights, single thread, warm): ",
+        "JAX / torch in CPU seconds (same weights, single thread, warm):",
         "",
         "| method | fit | query |",
         "| --- | ---: | ---: |",
@@ -348,8 +354,8 @@ def _workload_section(workload: str) -> list[str]:
         t, j = _row(table, "influx-torch", method), _row(table, "influx-jax", method)
         if t and j:
             lines.append(
-                f"| {method} | {_fmt(_ratio(j.get('fit_s'), t.get('fit_s')))} "
-                f"| {_fmt(_ratio(j.get('query_s'), t.get('query_s')))} |"
+                f"| {method} | {_fmt(_ratio(_time(j, 'fit'), _time(t, 'fit')))} "
+                f"| {_fmt(_ratio(_time(j, 'query'), _time(t, 'query')))} |"
             )
     lines.append("")
     return lines
@@ -360,9 +366,9 @@ def _which_method(workloads: tuple[str, ...]) -> list[str]:
         "### Which method when",
         "",
         "Accuracy against time on each workload (torch, single thread; fit + "
-        "query of 10 test points), fastest first.",
+        "query of 10 test points in CPU seconds), fastest first.",
         "",
-        "| workload | tool | method | fit + query s | Pearson | top-10% |",
+        "| workload | tool | method | fit + query CPU s | Pearson | top-10% |",
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for workload in workloads:
