@@ -419,6 +419,81 @@ SPEC_TEXT = {
 }
 
 
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def _targets() -> list[str]:
+    """Issue 9's targets, each with its measured numbers (CPU seconds)."""
+    lines = ["### Targets (issue 9)", ""]
+    for workload in ("S1", "S2"):
+        table = rows(workload)
+        for ours, theirs in PAIRS:
+            peer = _row(table, "kronfluence", theirs)
+            for backend in ("torch", "jax"):
+                mine = _row(table, f"influx-{backend}", ours)
+                if not mine or not peer:
+                    lines.append(
+                        f"- {workload} {ours} influx-{backend} vs kronfluence: "
+                        "not measured"
+                    )
+                    continue
+                fit = _ratio(_time(peer, "fit"), _time(mine, "fit"))
+                query = _ratio(_time(peer, "query"), _time(mine, "query"))
+                pm, pk = mine.get("pearson"), peer.get("pearson")
+                ok_t = fit is not None and query is not None and min(fit, query) >= 1
+                ok_a = None if pm is None or pk is None else pm >= pk - 0.01
+                lines.append(
+                    f"- {workload} {ours} influx-{backend} vs kronfluence (equal "
+                    f"damping): time {_verdict(ok_t)} (fit ratio {_fmt(fit)}, query "
+                    f"ratio {_fmt(query)}); accuracy {_verdict(ok_a)} (Pearson "
+                    f"{_fmt(pm, 4)} vs {_fmt(pk, 4)}; top-10% "
+                    f"{_fmt(mine.get('top10'))} vs {_fmt(peer.get('top10'))})"
+                )
+        for method in ("kfac", "ekfac"):
+            t = _row(table, "influx-torch", method)
+            j = _row(table, "influx-jax", method)
+            if t and j:
+                fit = _ratio(_time(j, "fit"), _time(t, "fit"))
+                query = _ratio(_time(j, "query"), _time(t, "query"))
+                ok = fit is not None and query is not None and max(fit, query) <= 1.5
+                lines.append(
+                    f"- {workload} {method} JAX / torch <= 1.5: {_verdict(ok)} "
+                    f"(fit {_fmt(fit)}, query {_fmt(query)})"
+                )
+        peer = _row(table, "pydvl", "block-cg")
+        for backend in ("torch", "jax"):
+            mine = _row(table, f"influx-{backend}", "block-cg")
+            if not mine or not peer:
+                continue
+            ok = (_total(mine) or 1e30) <= (_total(peer) or 0) and (
+                mine.get("pearson") or 0
+            ) >= 0.999
+            lines.append(
+                f"- {workload} flat CG (influx-{backend} block CG, its defaults) at "
+                f"least as fast as pyDVL's block CG at Pearson 0.999: {_verdict(ok)} "
+                f"({_fmt(_total(mine))} vs {_fmt(_total(peer))} CPU s; Pearson "
+                f"{_fmt(mine.get('pearson'), 4)} vs {_fmt(peer.get('pearson'), 4)})"
+            )
+    for tool in ("influx-torch", "influx-jax"):
+        small, _ = _load(f"S1-10k/{tool}/kfac")
+        large, _ = _load(f"S1-40k/{tool}/kfac")
+        kron, _ = _load("S1-40k/kronfluence/kfac-equal")
+        if not small or not large or not small.get("peak_mib"):
+            lines.append(f"- peak memory of {tool} independent of N: not measured")
+            continue
+        growth = large["peak_mib"] / small["peak_mib"]
+        below = None if not kron else large["peak_mib"] <= kron.get("peak_mib", 0)
+        lines.append(
+            f"- peak memory of {tool} K-FAC independent of N (40k / 10k <= 1.5): "
+            f"{_verdict(growth <= 1.5)} ({_fmt(growth)}); at most kronfluence's: "
+            f"{_verdict(below)} ({_fmt(large['peak_mib'])} vs "
+            f"{_fmt(kron.get('peak_mib') if kron else None)} MiB at 40k)"
+        )
+    lines.append("")
+    return lines
+
+
 def report() -> str:
     """The Markdown section of ``docs/benchmarks.md`` from the results."""
     lines: list[str] = []
@@ -426,6 +501,7 @@ def report() -> str:
         lines += _workload_section(workload)
     lines += _memory_section()
     lines += _which_method(("S1", "S2"))
+    lines += _targets()
     return "\n".join(lines)
 
 
