@@ -226,6 +226,10 @@ def accuracy(values: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"pearson": pearson, "spearman": spearman, "top10": float(np.mean(overlaps))}
 
 
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -287,7 +291,8 @@ def _workload_section(workload: str) -> list[str]:
         moved = ref_meta.get("pearson_at_residual", {})
         trail = ", ".join(f"{_fmt(v, 6)} at {k}" for k, v in moved.items())
         lines.append(
-            "Reference: CG on the Gauss-Newton matrix in float64 "
+            "Reference: CG in float64 on the exact Gauss-Newton matrix's products "
+            f"in {ref_meta.get('method', '').rsplit('-', 1)[-1]} "
             f"(`benchmarks/reference_ggn.py`): {ref_meta.get('iterations')} "
             "iterations, largest relative residual "
             f"{_fmt(ref_meta.get('max_relative_residual'))} "
@@ -309,7 +314,7 @@ def _workload_section(workload: str) -> list[str]:
         lines.append(
             f"| {row['tool']} | {row['method']} | {_fmt(row.get('fit_s'))} "
             f"| {_fmt(row.get('fit_cpu_s'))} | {_fmt(row.get('query_s'))} "
-            f"| {_fmt(row.get('query_cpu_s'))} | {_fmt(row.get('peak_mib'))} "
+            f"| {_fmt(row.get('query_cpu_s'))} | {_mib(row.get('peak_mib'))} "
             f"| {_fmt(row.get('pearson'), 4)} | {_fmt(row.get('spearman'), 4)} "
             f"| {_fmt(row.get('top10'), 3)} | {_fmt(row.get('loadavg_before'), 2)} "
             f"| {note[:160]} |"
@@ -340,7 +345,7 @@ def _workload_section(workload: str) -> list[str]:
                 f"| {ours} | {backend} "
                 f"| {_fmt(_ratio(_time(peer, 'fit'), _time(mine, 'fit')))} "
                 f"| {_fmt(_ratio(_time(peer, 'query'), _time(mine, 'query')))} "
-                f"| {_fmt(mine.get('peak_mib'))} / {_fmt(peer.get('peak_mib'))} "
+                f"| {_mib(mine.get('peak_mib'))} / {_mib(peer.get('peak_mib'))} "
                 f"| {_fmt(diff, 3)} |"
             )
     lines += [
@@ -405,7 +410,7 @@ def _memory_section() -> list[str]:
         if not small or not large:
             continue
         lines.append(
-            f"| {tool} | {_fmt(small.get('peak_mib'))} | {_fmt(large.get('peak_mib'))} "
+            f"| {tool} | {_mib(small.get('peak_mib'))} | {_mib(large.get('peak_mib'))} "
             f"| {_fmt(small.get('fit_s'))} / {_fmt(large.get('fit_s'))} |"
         )
     lines.append("")
