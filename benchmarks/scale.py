@@ -399,7 +399,7 @@ def _memory_section() -> list[str]:
     lines = [
         "### Peak memory against N_train (S1 weights, K-FAC)",
         "",
-        "| tool | 10,000 points MiB | 40,000 points MiB | fit s (10k / 40k) |",
+        "| tool | 10,000 points MiB | 40,000 points MiB | fit CPU s (10k / 40k) |",
         "| --- | ---: | ---: | ---: |",
     ]
     tools = ("influx-torch", "influx-jax", "kronfluence")
@@ -411,7 +411,7 @@ def _memory_section() -> list[str]:
             continue
         lines.append(
             f"| {tool} | {_mib(small.get('peak_mib'))} | {_mib(large.get('peak_mib'))} "
-            f"| {_fmt(small.get('fit_s'))} / {_fmt(large.get('fit_s'))} |"
+            f"| {_fmt(_time(small, 'fit'))} / {_fmt(_time(large, 'fit'))} |"
         )
     lines.append("")
     return lines
