@@ -492,8 +492,8 @@ def _targets() -> list[str]:
         lines.append(
             f"- peak memory of {tool} K-FAC independent of N (40k / 10k <= 1.5): "
             f"{_verdict(growth <= 1.5)} ({_fmt(growth)}); at most kronfluence's: "
-            f"{_verdict(below)} ({_fmt(large['peak_mib'])} vs "
-            f"{_fmt(kron.get('peak_mib') if kron else None)} MiB at 40k)"
+            f"{_verdict(below)} ({_mib(large['peak_mib'])} vs "
+            f"{_mib(kron.get('peak_mib') if kron else None)} MiB at 40k)"
         )
     lines.append("")
     return lines
