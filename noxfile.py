@@ -137,6 +137,8 @@ PEER_REQUIREMENTS: dict[str, list[str]] = {
         "scipy<1.14",
     ],
     "pydvl-0.10.0": ["pydvl[influence]==0.10.0", TORCH_SPEC],
+    # The S1/S2 benchmark's K-FAC / EK-FAC peer (benchmarks/scale.py).
+    "kronfluence-1.0.1": ["kronfluence==1.0.1", TORCH_SPEC],
 }
 PEER_ENVS = Path(__file__).resolve().parent / "benchmarks" / ".envs"
 PEER_MARKER = ".installed"
@@ -163,10 +165,17 @@ def bench(session: nox.Session) -> None:
     """The benchmark against pyDVL; arguments go to ``benchmarks/bench.py``.
 
     Not a default session. ``nox -s bench -- --workloads W1 --repeats 1`` runs
-    a part; see ``python benchmarks/bench.py --help``.
+    a part; see ``python benchmarks/bench.py --help``. ``nox -s bench -- scale``
+    runs the S1/S2 benchmark against kronfluence and pyDVL instead
+    (``benchmarks/scale.py``: workloads, jobs, then the report).
     """
     session.install(TORCH_SPEC)
     session.install("-e", ".[all]", "scikit-learn", "zarr")
     for name, requirements in PEER_REQUIREMENTS.items():
         _peer_env(session, name, requirements)
+    if session.posargs[:1] == ["scale"]:
+        session.run("python", "benchmarks/_scale.py")
+        session.run("python", "benchmarks/scale.py", "run", *session.posargs[1:])
+        session.run("python", "benchmarks/scale.py", "report")
+        return
     session.run("python", "benchmarks/bench.py", *session.posargs)

@@ -49,11 +49,16 @@ class Measurement(dict):
     Keys: ``cold_s`` (first call, compilation included), ``times_s`` (the
     warm repeats, or the cold run alone when it was slow), ``median_s``,
     ``peak_mib`` (the largest rise of resident memory over the memory held
-    before the first call, across all calls) and ``rss_before_mib``.
+    before the first call, across all calls) and ``rss_before_mib``;
+    ``cold_cpu_s`` and ``median_cpu_s``: the same in CPU seconds of this
+    process (all its threads), which a busy machine inflates less than wall
+    time.
     """
 
 
-def measure(call: Callable[[], Any], repeats: int = 3) -> tuple[Measurement, Any]:
+def measure(
+    call: Callable[[], Any], repeats: int = 3, slow_s: float = SLOW_RUN_S
+) -> tuple[Measurement, Any]:
     """Time ``call`` once cold, then ``repeats`` more times warm.
 
     Parameters
@@ -61,8 +66,10 @@ def measure(call: Callable[[], Any], repeats: int = 3) -> tuple[Measurement, Any
     call
         The work to time; its result from the first run is returned.
     repeats
-        Warm runs after the first. A first run slower than ``SLOW_RUN_S`` is
-        not repeated and serves as the only sample.
+        Warm runs after the first. A first run slower than ``slow_s``
+        (default ``SLOW_RUN_S``) is not repeated and serves as the only sample.
+    slow_s
+        See ``repeats``.
 
     Returns
     -------
@@ -70,21 +77,25 @@ def measure(call: Callable[[], Any], repeats: int = 3) -> tuple[Measurement, Any
     """
     before = _status_kib("VmRSS") or 0
     tracked = _reset_peak_rss()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = call()
     cold = time.perf_counter() - start
-    times = []
-    if cold < SLOW_RUN_S:
+    cold_cpu = time.process_time() - start_cpu
+    times, cpu_times = [], []
+    if cold < slow_s:
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             call()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - start_cpu)
     peak = _status_kib("VmHWM") if tracked else None
     samples = times or [cold]
     out = Measurement(
         cold_s=cold,
         times_s=samples,
         median_s=statistics.median(samples),
+        cold_cpu_s=cold_cpu,
+        median_cpu_s=statistics.median(cpu_times or [cold_cpu]),
         peak_mib=None if peak is None else max(peak - before, 0) / 1024,
         rss_before_mib=before / 1024,
     )
