@@ -213,7 +213,7 @@ def factorise_blocks(
     chunks = list(_column_chunks([int(i.size) for i in indices]))
     like = operator.like
     positions = xp.arange(size, device=array_device(like))
-    for chunk in progress_iter(chunks, progress, "Hessian blocks", total=len(chunks)):
+    for chunk in progress_iter(chunks, progress, "Curvature blocks", total=len(chunks)):
         columns = np.concatenate([indices[b][lo:hi] for b, lo, hi in chunk])
         wanted = _like_index(xp, columns, like)
         vectors = xp.astype(wanted[:, None] == positions[None, :], dtype)
@@ -305,7 +305,8 @@ def _check_blocks_fit(sizes: list[int], size: int, itemsize: int) -> None:
     if available is None or needed <= available:
         return
     raise InputError(
-        f"method='block' needs the diagonal blocks of the Hessian, sum |b|^2 = "
+        f"method='block' needs the diagonal blocks of the curvature (Hessian or "
+        f"Gauss-Newton), sum |b|^2 = "
         f"{squares} entries (largest block {largest}), and their factors: about "
         f"{needed / GIB:.1f} GiB, but only {available / GIB:.1f} GiB of memory is "
         "available. Use method='cg', 'kfac' or 'ekfac', which never form a block "
