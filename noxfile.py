@@ -1,7 +1,8 @@
 """Sessions: tests per backend and Python, the framework-free core, cross-backend
 agreement, lint, the demo, and the benchmark.
 
-``nox`` runs the default sessions (lint, core, tests, cross); ``nox -l`` lists
+``nox`` runs the default sessions (lint, core, tests on torch 3.11 and JAX 3.10
+and 3.13, cross); ``nox -l`` lists
 them. Interpreters that are not installed are skipped. ``nox -s coverage``
 (not a default) runs the suite on both backends under coverage and prints the
 report; ``nox -s bench`` (not a default: it is long) runs
@@ -16,7 +17,17 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "core", "tests", "cross"]
+# The default run: torch on 3.11, JAX on the oldest and newest Python, and
+# cross-backend agreement (3.11, both); `nox -s "tests(3.11-jax)"` and
+# `nox -s "tests(3.12-jax)"` run the middle versions.
+JAX_DEFAULT_PYTHONS = ["3.10", "3.13"]
+nox.options.sessions = [
+    "lint",
+    "core",
+    "tests(3.11-torch)",
+    *(f"tests({python}-jax)" for python in JAX_DEFAULT_PYTHONS),
+    "cross",
+]
 nox.options.error_on_missing_interpreters = False
 nox.options.reuse_existing_virtualenvs = False
 
@@ -67,7 +78,9 @@ def tests(session: nox.Session, backend: str) -> None:
     if backend == "jax":
         # The JAX model libraries influx wraps as they are (tests skip without).
         session.install(*JAX_LIBRARIES)
-    session.run("pytest", f"--backend={backend}", *session.posargs)
+    # One pytest worker per core (pytest-xdist); arguments replace it.
+    arguments = session.posargs or ["-n", "auto"]
+    session.run("pytest", f"--backend={backend}", *arguments)
 
 
 @nox.session(python=TORCH_PYTHON)
