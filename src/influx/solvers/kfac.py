@@ -77,6 +77,7 @@ from influx.solvers._base import (
     integer_option,
     row_norms,
     to_host,
+    working_dtype,
 )
 
 __all__ = ["EkfacSolver", "KfacSolver", "KfacState"]
@@ -345,20 +346,15 @@ class KfacSolver(Solver):
     ) -> tuple[Any, SolveInfo]:
         """``(C + lambda I)^{-1} b_k`` for every row; ``x0`` is ignored (exact)."""
         xp = array_namespace(rhs)
-        dtype = state.rest_diagonal.dtype
-        b = xp.astype(rhs, dtype)
+        b = xp.astype(rhs, working_dtype(rhs))
         blocks, rest = state.layout.split(b)
         solved = []
-        for block, q_a, q_g, values in zip(
-            blocks,
-            state.a_eigenvectors,
-            state.g_eigenvectors,
-            state.eigenvalues,
-            strict=True,
+        for block, (q_a, q_g, damped) in zip(
+            blocks, _query_factors(state, b.dtype), strict=True
         ):
             rotated = q_g.T @ block @ q_a  # [K, d_out, d_a]
-            solved.append(q_g @ (rotated / (values + state.regularization)) @ q_a.T)
-        rest = rest / (state.rest_diagonal + state.regularization)
+            solved.append(q_g @ (rotated / damped) @ q_a.T)
+        rest = rest / xp.astype(state.rest_diagonal + state.regularization, b.dtype)
         x = state.layout.join(solved, rest)
         k = int(b.shape[0])
         info = SolveInfo(
@@ -481,20 +477,37 @@ def _check_positive(
 def quadratic_form(state: KfacState, rhs: Any) -> Any:
     """``<b_k, (C + lambda I)^{-1} b_k>`` for every row (``[K, P] -> [K]``)."""
     xp = array_namespace(rhs)
-    b = xp.astype(rhs, state.rest_diagonal.dtype)
+    b = xp.astype(rhs, working_dtype(rhs))
     blocks, rest = state.layout.split(b)
-    total = xp.sum(rest * rest / (state.rest_diagonal + state.regularization), axis=1)
-    for block, q_a, q_g, values in zip(
-        blocks,
-        state.a_eigenvectors,
-        state.g_eigenvectors,
-        state.eigenvalues,
-        strict=True,
+    rest_damped = xp.astype(state.rest_diagonal + state.regularization, b.dtype)
+    total = xp.sum(rest * rest / rest_damped, axis=1)
+    for block, (q_a, q_g, damped) in zip(
+        blocks, _query_factors(state, b.dtype), strict=True
     ):
         rotated = q_g.T @ block @ q_a
-        weighted = rotated * rotated / (values + state.regularization)
-        total = total + xp.sum(weighted, axis=(1, 2))
+        total = total + xp.sum(rotated * rotated / damped, axis=(1, 2))
     return xp.astype(total, rhs.dtype)
+
+
+def _query_factors(state: KfacState, dtype: Any) -> list[tuple[Any, Any, Any]]:
+    """Per layer ``(Q_A, Q_G, Lambda + lambda)`` in the queries' ``dtype``.
+
+    The factors are accumulated and decomposed in the accumulation dtype
+    (float64 where the backend has it); a query of a float32 model rotates
+    in float32, as its gradients are float32 anyway (the rotations are its
+    largest cost: ``O(K d_out d_a (d_out + d_a))`` per layer).
+    """
+    xp = array_namespace(state.rest_diagonal)
+    return [
+        (
+            xp.astype(q_a, dtype),
+            xp.astype(q_g, dtype),
+            xp.astype(values + state.regularization, dtype),
+        )
+        for q_a, q_g, values in zip(
+            state.a_eigenvectors, state.g_eigenvectors, state.eigenvalues, strict=True
+        )
+    ]
 
 
 def export_state(state: KfacState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
