@@ -120,7 +120,43 @@ def _names(backend_name: str, index: int) -> dict[str, str]:
     return {"w": f"[{index}]['w']", "b": f"[{index}]['b']", "s": f"[{index}]['s']"}
 
 
-class LayeredModel:
+class Forwarding:
+    """The :class:`influx.TwiceDifferentiable` members of ``self._model``, spelt out.
+
+    Python 3.12+ checks runtime protocols with ``inspect.getattr_static``,
+    which does not see attributes that ``__getattr__`` provides, so a test
+    wrapper forwarding by ``__getattr__`` alone is no longer a wrapped model.
+    """
+
+    _model: Any
+
+    @property
+    def backend(self) -> Any:
+        return self._model.backend
+
+    @property
+    def num_params(self) -> int:
+        return self._model.num_params
+
+    @property
+    def dtype(self) -> Any:
+        return self._model.dtype
+
+    @property
+    def parameters(self) -> Any:
+        return self._model.parameters
+
+    def per_sample_grads(self, x: Any, y: Any) -> Any:
+        return self._model.per_sample_grads(x, y)
+
+    def hvp(self, x: Any, y: Any, vectors: Any) -> Any:
+        return self._model.hvp(x, y, vectors)
+
+    def mixed_grads(self, x: Any, y: Any, vectors: Any) -> Any:
+        return self._model.mixed_grads(x, y, vectors)
+
+
+class LayeredModel(Forwarding):
     """A wrapped model plus a numpy-computed layer structure (see the module)."""
 
     def __init__(self, model: Any, ops: list[Op], backend_name: str, loss: str):
@@ -304,7 +340,7 @@ def native_grads(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return to_numpy(model.per_sample_grads(x, y)[0])
 
 
-class FlatOnly:
+class FlatOnly(Forwarding):
     """A wrapped model without the layer structure (``layers`` hidden).
 
     Scoring it takes the flat path (per-sample gradients ``[B, P]``), the

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from layer_stub import CNN_INPUT, cnn_ops, layered, mlp_ops
+from layer_stub import CNN_INPUT, Forwarding, cnn_ops, layered, mlp_ops
 from models import batch_hessian, rel_err, spd_matrix, to_numpy, wrap_mlp
 
 import influx
@@ -108,7 +108,7 @@ def test_block_float32(backend_name):
     assert rel_err(factors, np.linalg.solve(reference, grads.T).T) < 1e-5
 
 
-class _OneGroup:
+class _OneGroup(Forwarding):
     """A wrapped model whose parameters form a single group ("all").
 
     Without layer structure and parameter blocks.

@@ -56,9 +56,10 @@ def test_block_cg_equals_direct_with_dependent_columns(preconditioner):
     assert info.iterations[4] == 0 and info.residual_norms[4] == 0.0
     np.testing.assert_array_equal(x[4], np.zeros(40))
     # The dependent columns are deflated: 3 directions (columns 0, 1, 2 span
-    # all six) until rounding separates them near convergence.
+    # all six), fewer as columns converge, until rounding separates them near
+    # convergence.
     widths = info.extra["block_widths"]
-    assert widths[0] == 3 and widths[: min(5, len(widths))] == [3] * min(5, len(widths))
+    assert widths[0] == 3 and max(widths[:5]) <= 3
     true = np.linalg.norm(x @ matrix.T - rhs, axis=1)
     assert np.all(true <= 1e-10 * np.maximum(info.rhs_norms, 1.0))
 

@@ -209,8 +209,14 @@ class LayerStructured(Protocol):
 
 
 def has_layers(model: Any) -> bool:
-    """Whether ``model`` offers the layer structure capability."""
-    return isinstance(model, LayerStructured)
+    """Whether ``model`` offers the layer structure capability.
+
+    Its ``layer_batch`` is what is looked for (``layers`` comes with it by
+    the contract): reading ``layers`` may need a traced batch first (JAX),
+    and a runtime protocol check on Python 3.12+ does not see methods that a
+    proxy provides through ``__getattr__``.
+    """
+    return callable(getattr(model, "layer_batch", None))
 
 
 def rest_index(layers: Sequence[Layer], num_params: int) -> np.ndarray:
