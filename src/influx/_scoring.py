@@ -41,6 +41,7 @@ __all__ = [
     "check_regularization",
     "concat",
     "gradients",
+    "layer_arrays",
     "on_host",
     "read_gradients",
     "resolve_regularization",
@@ -367,16 +368,11 @@ class LayerScorer:
         self, reader: DataReader, progress: bool, desc: str, *, host: bool
     ) -> Iterator[Any]:
         """One ``[K, B]`` (or ``[K, B, L]``) block per batch of ``reader``."""
-        model, name = self.model, reader.name
-        check = LossConventionCheck(model, name)
-        batches = progress_iter(reader, progress, desc, total=reader.num_batches)
-        for index, x, y in batches:
-            batch = evaluate(name, index, x, model.layer_batch, x, y)
+        for arrays in layer_arrays(
+            self.model, reader, progress, desc, host=host, xp=self.xp, dtype=self.dtype
+        ):
             if not self.prepared:
                 self._prepare()
-            check(index, *check_points(x, y, int(model.num_params)))
-            arrays = _batch_arrays(batch, host, self.xp, self.dtype)
-            _check_batch(arrays, f"{name} batch {index}")
             yield self.score(*arrays)
 
     def score(
@@ -458,6 +454,34 @@ def offers_layers(model: Any) -> bool:
         return has_layers(model)
     except InputError:
         return callable(getattr(model, "layer_batch", None))
+
+
+def layer_arrays(
+    model: Any,
+    reader: DataReader,
+    progress: bool,
+    desc: str,
+    *,
+    host: bool,
+    xp: Any,
+    dtype: Any,
+) -> Iterator[tuple[list[Any], list[Any], Any, Any]]:
+    """Each batch's layer arrays for the observed labels, checked as :func:`gradients`.
+
+    Per batch ``(inputs, output_grads, rest_grads, losses)`` of
+    ``model.layer_batch(x, y)`` (``fisher="empirical"``), in ``xp`` and
+    ``dtype`` (numpy on the host with ``host``); finite, and the loss
+    convention checked once on at most ``2**24 // P`` points.
+    """
+    name = reader.name
+    check = LossConventionCheck(model, name)
+    batches = progress_iter(reader, progress, desc, total=reader.num_batches)
+    for index, x, y in batches:
+        batch = evaluate(name, index, x, model.layer_batch, x, y)
+        check(index, *check_points(x, y, int(model.num_params)))
+        arrays = _batch_arrays(batch, host, xp, dtype)
+        _check_batch(arrays, f"{name} batch {index}")
+        yield arrays
 
 
 def _batch_arrays(

@@ -36,6 +36,7 @@ from influx._scoring import (
     check_regularization,
     concat,
     gradients,
+    layer_arrays,
     on_host,
     read_gradients,
     score,
@@ -43,7 +44,7 @@ from influx._scoring import (
 )
 from influx.data import DataReader
 from influx.errors import InputError
-from influx.layers import parameter_groups
+from influx.layers import has_layers, parameter_groups
 from influx.methods import InfluenceType, parse_influence_type
 from influx.operators import (
     HessianOperator,
@@ -70,6 +71,7 @@ from influx.solvers import cg as _cg
 from influx.solvers import direct as _direct
 from influx.solvers import kfac as _kfac
 from influx.solvers import lissa as _lissa
+from influx.solvers._base import working_dtype
 from influx.solvers.preconditioners import NystromPreconditioner
 
 __all__ = ["Influence"]
@@ -412,7 +414,9 @@ class Influence:
         - arnoldi: projections on the ``r`` kept eigenvectors plus the
           remainder term (``remainder="floor"``), ``O(N P r)``;
         - kfac, ekfac: per layer one rotation of each gradient into the
-          Kronecker eigenbasis, ``sum (Q_G^T G Q_A)^2 / (Lambda + lambda)``;
+          Kronecker eigenbasis, ``sum (Q_G^T G Q_A)^2 / (Lambda + lambda)``,
+          from the layer inputs and output gradients (never the per-sample
+          gradients ``[B, P]``; for a dense layer ``O(B (d_out^2 + d_a^2))``);
         - cg, lissa (and any other solver): one batched solve of each batch's
           ``B`` gradients, as costly as computing ``B`` influence factors.
 
@@ -440,6 +444,8 @@ class Influence:
         name = _data_name(data, fitted, "data")
         model = self._guarded
         reader = DataReader(data, name, model.backend, model.parameters, ordered=True)
+        if isinstance(fitted.state, _kfac.KfacState) and has_layers(model):
+            return self._native(fitted, self._kfac_self_influence(fitted, reader))
         values, infos = [], []
         for native in gradients(model, reader, self._progress, "Self-influence"):
             grads = on_host(native) if fitted.host else native
@@ -453,6 +459,31 @@ class Influence:
         if infos:
             self._set_info(_join_infos(infos))
         return self._native(fitted, concat(values))
+
+    def _kfac_self_influence(self, fitted: _Fitted, reader: DataReader) -> Any:
+        """K-FAC's and EK-FAC's self-influence from the layer arrays, ``[N]``.
+
+        No per-sample gradients ``[B, P]``: each batch's layer inputs and
+        output gradients are rotated into the Kronecker eigenbases
+        (:func:`influx.solvers.kfac.layer_quadratic_form`).
+        """
+        state = fitted.state
+        xp = array_namespace(state.rest_diagonal)
+        # the model's dtype (float32 for half precision), numpy's in host mode
+        dtype = working_dtype(fitted.operator.like)
+        values = [
+            _kfac.layer_quadratic_form(state, inputs, output_grads, rest)
+            for inputs, output_grads, rest, _ in layer_arrays(
+                self._guarded,
+                reader,
+                self._progress,
+                "Self-influence",
+                host=fitted.host,
+                xp=xp,
+                dtype=dtype,
+            )
+        ]
+        return concat(values)
 
     def top_k(
         self,

@@ -56,7 +56,12 @@ from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
 from influx._host import host_view
-from influx._kronecker import check_batch, correction_sums, factor_sums
+from influx._kronecker import (
+    CHUNK_ELEMENTS,
+    check_batch,
+    correction_sums,
+    factor_sums,
+)
 from influx._loss_check import LossConventionCheck, check_points
 from influx._progress import progress_iter
 from influx.data import DataReader
@@ -65,6 +70,7 @@ from influx.layers import (
     Layer,
     LayerBatch,
     LayerLayout,
+    augmented_inputs,
     has_layers,
     parameter_groups,
 )
@@ -487,6 +493,56 @@ def quadratic_form(state: KfacState, rhs: Any) -> Any:
         rotated = q_g.T @ block @ q_a
         total = total + xp.sum(rotated * rotated / damped, axis=(1, 2))
     return xp.astype(total, rhs.dtype)
+
+
+def layer_quadratic_form(
+    state: KfacState, inputs: Sequence[Any], output_grads: Sequence[Any], rest: Any
+) -> Any:
+    """:func:`quadratic_form` of per-sample gradients given by their layer arrays.
+
+    ``<g_n, (C + lambda I)^{-1} g_n>`` for the ``B`` points of one batch, from
+    the layers' inputs ``[B, T, d_in]`` and output gradients ``[B, 1, T,
+    d_out]`` and the rest gradients ``[B, 1, P_rest]`` (one probe: the
+    observed labels), without forming the gradients ``[B, P]``. The rotated
+    gradient of a point is ``(g Q_G)^T (a Q_A)`` (``[d_out, d_a]``); for a
+    dense layer (``T = 1``) its squares are the outer product of ``(g Q_G)^2``
+    and ``(a Q_A)^2``, so the form is ``(g Q_G)^2 (Lambda + lambda)^{-1}
+    ((a Q_A)^2)^T``: ``O(B (d_out^2 + d_a^2 + d_out d_a))`` per layer; with
+    ``T > 1`` the rotated matrices are formed for a chunk of points at a
+    time (at most :data:`CHUNK_ELEMENTS` entries).
+
+    Returns
+    -------
+    Any
+        ``[B]`` in the arrays' dtype.
+    """
+    xp = array_namespace(rest)
+    count = int(rest.shape[0])
+    dtype = rest.dtype
+    rest_damped = xp.astype(state.rest_diagonal + state.regularization, dtype)
+    total = xp.sum(xp.reshape(rest, (count, -1)) ** 2 / rest_damped, axis=1)
+    factors = _query_factors(state, dtype)
+    for layer, a, g, (q_a, q_g, damped) in zip(
+        state.layout.layers, inputs, output_grads, factors, strict=True
+    ):
+        rotated_a = augmented_inputs(a, layer) @ q_a  # [B, T, d_a]
+        rotated_g = g[:, 0] @ q_g  # [B, T, d_out]
+        if int(a.shape[1]) == 1:
+            squares = (rotated_g[:, 0] ** 2) @ (1 / damped)  # [B, d_a]
+            total = total + xp.sum(squares * rotated_a[:, 0] ** 2, axis=1)
+            continue
+        per_point = layer.d_out * layer.d_a
+        step = max(1, CHUNK_ELEMENTS // max(per_point, 1))
+        parts = []
+        for start in range(0, count, step):
+            stop = min(start + step, count)
+            matrices = (
+                xp.permute_dims(rotated_g[start:stop], (0, 2, 1))
+                @ rotated_a[start:stop]
+            )  # [c, d_out, d_a]
+            parts.append(xp.sum(matrices * matrices / damped, axis=(1, 2)))
+        total = total + xp.concat(parts, axis=0)
+    return total
 
 
 def _query_factors(state: KfacState, dtype: Any) -> list[tuple[Any, Any, Any]]:
