@@ -71,8 +71,9 @@ def compute_influence_factors(
     test_data
         Re-iterable of ``(x, y)`` batches, ``N_test`` points in all.
     inversion_method
-        ``"direct"``, ``"cg"``, ``"lissa"`` or ``"arnoldi"`` (or an
-        :class:`InversionMethod`).
+        ``"direct"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"block"``,
+        ``"kfac"`` or ``"ekfac"`` (or an :class:`InversionMethod`), or a
+        name given to :func:`influx.register_solver`.
     hessian_perturbation
         ``lambda >= 0`` added to the Hessian's diagonal (default 0).
     progress
@@ -87,9 +88,10 @@ def compute_influence_factors(
         matrix (see :class:`influx.Influence`).
     **kwargs
         Options of the inversion method: CG ``rtol, atol, maxiter, x0,
-        preconditioner``; LiSSA ``maxiter, dampen, scale, h0, rtol, seed,
-        variance_reduction, preconditioner``; Arnoldi ``rank_estimate,
-        krylov_dimension, tol, max_iter, eigensolver, remainder, seed``.
+        preconditioner, block``; LiSSA ``maxiter, dampen, scale, h0, rtol,
+        seed, variance_reduction, preconditioner``; Arnoldi ``rank_estimate,
+        krylov_dimension, tol, max_iter, eigensolver, remainder, seed``;
+        K-FAC and EK-FAC ``fisher, mc_samples, seed``; block none.
 
     Returns
     -------
@@ -224,7 +226,9 @@ def compute_influences(
     input_data
         Points whose influence is computed; defaults to ``training_data``.
     inversion_method
-        ``"direct"`` (default), ``"cg"``, ``"lissa"`` or ``"arnoldi"``.
+        ``"direct"`` (default), ``"cg"``, ``"lissa"``, ``"arnoldi"``,
+        ``"block"``, ``"kfac"`` or ``"ekfac"`` (see
+        :func:`compute_influence_factors`).
     influence_type
         ``"up"`` (default) or ``"perturbation"``.
     hessian_regularization
