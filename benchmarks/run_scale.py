@@ -79,8 +79,8 @@ def build(backend: str, workload: Any, dtype: str) -> tuple[Any, Any]:
         return jnp.asarray(a.astype(np.int32))
 
     if hasattr(model, "find_layers"):
-        # The JAX adapter finds the layers by tracing apply_fn on a batch; its
-        # error message asks for this call before a layer method's fit.
+        # The JAX adapter finds the layers by tracing apply_fn on the first
+        # batch it sees; tracing here keeps that out of the timed fit.
         model.find_layers(array(workload.x_train[:2]))
     return model, array
 

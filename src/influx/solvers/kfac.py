@@ -219,7 +219,7 @@ class KfacSolver(Solver):
                 "and the training data: pass both (influx.Influence.fit and the "
                 "functional API do)."
             )
-        if not _offers_layers(model):
+        if not has_layers(model):
             backend = getattr(getattr(model, "backend", None), "name", "this")
             raise InputError(
                 f"method={self.name!r} needs the model's layer structure, and the "
@@ -399,19 +399,6 @@ class EkfacSolver(KfacSolver):
 
     name = "ekfac"
     corrected: ClassVar[bool] = True
-
-
-def _offers_layers(model: Any) -> bool:
-    """:func:`~influx.layers.has_layers`, also before a JAX model saw a batch.
-
-    The protocol check reads ``model.layers``, which an adapter that finds the
-    layers by tracing may only answer after its first batch (it raises
-    :class:`InputError` until then); such a model has ``layer_batch``.
-    """
-    try:
-        return has_layers(model)
-    except InputError:
-        return callable(getattr(model, "layer_batch", None))
 
 
 def on_host(array: Any) -> Any:
