@@ -79,3 +79,38 @@ def pytest_collection_modifyitems(
 def _no_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests start with no INFLUX_BACKEND from the caller's environment."""
     monkeypatch.delenv("INFLUX_BACKEND", raising=False)
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A ``distributed.Client`` on a local cluster of 2 worker processes.
+
+    One thread per worker. The workers get this checkout on their path (for
+    the test modules that tasks import) and JAX's float64 switched on, as
+    this process has it. Shared by the session: tests that kill workers make
+    their own cluster.
+    """
+    pytest.importorskip("distributed")
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(**local_cluster_options(2)) as cluster, Client(cluster) as client:
+        yield client
+
+
+def local_cluster_options(workers: int) -> dict:
+    """Keyword arguments of a quiet ``LocalCluster`` of ``workers`` processes."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    paths = [str(root / "tests"), str(root / "src"), str(root / "backends")]
+    existing = os.environ.get("PYTHONPATH")
+    if existing:
+        paths.append(existing)
+    return {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": 40,  # logging.ERROR
+        "env": {"PYTHONPATH": os.pathsep.join(paths), "JAX_ENABLE_X64": "1"},
+    }

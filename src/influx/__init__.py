@@ -45,17 +45,20 @@ from influx.solvers import (
     make_solver,
     register_solver,
 )
+from influx.sources import ArraySource, FactorySource
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArnoldiSolver",
+    "ArraySource",
     "BlockSolver",
     "Backend",
     "BackendNotInstalledError",
     "Batches",
     "CgSolver",
     "DirectSolver",
+    "FactorySource",
     "HessianOperator",
     "Influence",
     "InfluenceType",

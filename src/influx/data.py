@@ -205,6 +205,16 @@ class DataReader:
         return self._source
 
     @property
+    def first_batch(self) -> int:
+        """Index of the first batch (0, or a partition's first batch in its source).
+
+        A :class:`~influx.sources.Partition` keeps its source's numbering.
+        """
+        from influx.sources import Partition
+
+        return self.data.first_batch if isinstance(self.data, Partition) else 0
+
+    @property
     def num_samples(self) -> int:
         """Total number of points; reads the data once if not known yet."""
         if self._num_samples is None:
@@ -233,10 +243,12 @@ class DataReader:
         if self._check_passes and self._signature is None:
             self._signature = (None, self._probe(source))
         count = 0
-        index = -1
+        # a partition of a source numbers its batches as the whole source does
+        start = self.first_batch
+        index = start - 1
         sizes: list[int] = []
         first: Any = None
-        for index, batch in enumerate(source):
+        for index, batch in enumerate(source, start=start):
             prepared = self.prepare(index, batch)
             if prepared is None:
                 sizes.append(0)
@@ -250,14 +262,14 @@ class DataReader:
             yield (index, *prepared)
         if count == 0:
             raise InputError(
-                f"{self.name} is empty ({index + 1} batches, 0 points): pass at least "
-                "one (x, y) batch with at least one point."
+                f"{self.name} is empty ({index + 1 - start} batches, 0 points): pass "
+                "at least one (x, y) batch with at least one point."
             )
         if self._check_passes:
             self._compare(tuple(sizes), first)
             self._signature = (tuple(sizes), first)
         self._num_samples = count
-        self._num_batches = index + 1
+        self._num_batches = index + 1 - start
 
     def _probe(self, source: Any) -> Any:
         """Fingerprint of the first non-empty batch of a fresh pass."""
