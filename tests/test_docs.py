@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import ALL_BACKENDS, selected_backends
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
