@@ -91,7 +91,6 @@ def test_page_runs(
     monkeypatch.chdir(tmp_path)  # pages write files (saved state, figures)
     monkeypatch.setenv("MPLBACKEND", "Agg")  # figures without a display
     namespace: dict[str, Any] = {"__name__": f"docs_{Path(page).stem}"}
-    modules = set(sys.modules)
     try:
         for index, block in enumerate(_blocks(page)):
             if not _runnable(block):
@@ -99,5 +98,20 @@ def test_page_runs(
             code = compile(block, f"docs/{page} block {index + 1}", "exec")
             exec(code, namespace)
     finally:
-        if "matplotlib.pyplot" in sys.modules and "matplotlib.pyplot" not in modules:
+        if "matplotlib.pyplot" in sys.modules:  # the page's figures
             sys.modules["matplotlib.pyplot"].close("all")
+
+
+def test_runner_rules() -> None:
+    """What the runner executes, skips and detects, on a made-up page."""
+    page = (
+        "text\n```python\nimport torch.nn as nn\nfrom jax import numpy\n```\n"
+        "```python\n# docs: no-run\nclient = Client('tcp://cluster:8786')\n```\n"
+        "```bash\npip install influx\n```\n"
+        "- a list\n\n  ```python\n  hidden = 1\n  ```\n"
+    )
+    blocks = FENCE.findall(page)
+    assert len(blocks) == 2 and len(ANY_FENCE.findall(page)) == 3
+    assert [_runnable(block) for block in blocks] == [True, False]
+    assert _imported(blocks[0]) == {"torch", "jax"}
+    assert _imported("from . import x\nimport influx.plot") == {"influx"}
