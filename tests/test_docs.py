@@ -115,3 +115,15 @@ def test_runner_rules() -> None:
     assert [_runnable(block) for block in blocks] == [True, False]
     assert _imported(blocks[0]) == {"torch", "jax"}
     assert _imported("from . import x\nimport influx.plot") == {"influx"}
+
+
+def test_quoted_benchmark_numbers_match() -> None:
+    """The tables of "Choosing a method" quote docs/benchmarks.md verbatim."""
+    text = (DOCS / "choosing-a-method.md").read_text()
+    section = text.split("## Measured", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    numbers = re.findall(r"\d[\d,]*(?:\.\d+)?(?:e-\d+)?", "\n".join(rows))
+    assert len(numbers) > 40
+    benchmarks = (DOCS / "benchmarks.md").read_text()
+    stale = sorted({number for number in numbers if number not in benchmarks})
+    assert not stale, f"not in docs/benchmarks.md (rerun?): {stale}"
