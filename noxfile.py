@@ -2,7 +2,7 @@
 agreement, lint, the demo, and the benchmark.
 
 ``nox`` runs the default sessions (lint, core, tests on torch 3.11 and JAX 3.10
-and 3.13, cross); ``nox -l`` lists
+and 3.13, cross, docs); ``nox -l`` lists
 them. Interpreters that are not installed are skipped. ``nox -s coverage``
 (not a default) runs the suite on both backends under coverage and prints the
 report; ``nox -s bench`` (not a default: it is long) runs
@@ -27,6 +27,7 @@ nox.options.sessions = [
     "tests(3.11-torch)",
     *(f"tests({python}-jax)" for python in JAX_DEFAULT_PYTHONS),
     "cross",
+    "docs",
 ]
 nox.options.error_on_missing_interpreters = False
 nox.options.reuse_existing_virtualenvs = False
@@ -128,6 +129,20 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=TORCH_PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with ``mkdocs build --strict``.
+
+    No framework is installed: mkdocstrings reads the sources statically
+    (griffe), so a broken link, a missing page or a stale API name fails.
+    The pages' examples run in the test sessions (tests/test_docs.py).
+    Arguments go to ``mkdocs build`` (e.g. ``--site-dir /tmp/site``).
+    """
+    session.install(".[docs]")
+    env = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's banner
+    session.run("mkdocs", "build", "--strict", *session.posargs, env=env)
 
 
 @nox.session(python=TORCH_PYTHON)

@@ -346,7 +346,8 @@ class Footnotes:
             if text not in self.texts:
                 self.texts.append(text)
             numbers.append(self.texts.index(text) + 1)
-        return "".join(f"[{n}]" for n in numbers)
+        # separated: "[2][3]" would read as a markdown reference link
+        return ", ".join(f"[{n}]" for n in numbers)
 
     def lines(self) -> list[str]:
         return [f"[{i}] {text}  " for i, text in enumerate(self.texts, 1)]
