@@ -195,9 +195,8 @@ def accuracy_time(records: Iterable[Mapping[str, Any]], *, ax: Any = None) -> An
     ----------
     records
         Mappings with keys ``method``, ``seconds`` (positive), ``accuracy``
-        and optionally ``backend``; one point each, annotated with its method
-        (and backend). Points of one backend share a colour and a legend
-        entry.
+        and optionally ``backend``; one point each, annotated with its method.
+        Points of one backend share a colour and a legend entry.
     ax
         Axes to draw on; ``None`` makes a new figure.
 
@@ -230,9 +229,8 @@ def accuracy_time(records: Iterable[Mapping[str, Any]], *, ax: Any = None) -> An
         accuracy = [p[2] for p in points]
         ax.scatter(seconds, accuracy, label=backend or None)
         for method, x, y in points:
-            text = f"{method} ({backend})" if backend else method
             ax.annotate(
-                text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+                method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
             )
     ax.set_xscale("log")
     ax.set_xlabel("seconds")
