@@ -75,8 +75,8 @@ def _header(backends: list[str], quick: bool, seconds: dict[str, float]) -> str:
             f"Generated {datetime.date.today().isoformat()} on {env['machine']}, "
             "BLAS/OpenMP threads "
             f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {versions}. "
-            f"Backends: {', '.join(backends)}."
-            + (f" Study times: {timing}." if timing else ""),
+            f"Backends: {', '.join(backends)}. Times come from a shared machine "
+            "and are indicative only." + (f" Study times: {timing}." if timing else ""),
             "",
         ]
     )
