@@ -230,7 +230,12 @@ def accuracy_time(records: Iterable[Mapping[str, Any]], *, ax: Any = None) -> An
         ax.scatter(seconds, accuracy, label=backend or None)
         for method, x, y in points:
             ax.annotate(
-                method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+                method,
+                (x, y),
+                textcoords="offset points",
+                xytext=(3, 4),
+                fontsize=8,
+                rotation=40,  # neighbours of equal accuracy stay legible
             )
     ax.set_xscale("log")
     ax.set_xlabel("seconds")
