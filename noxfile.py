@@ -207,3 +207,16 @@ def bench(session: nox.Session) -> None:
         session.run("python", "benchmarks/scale.py", "report")
         return
     session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def validity(session: nox.Session) -> None:
+    """The validity suite; writes ``docs/validity.md`` and ``docs/figures``.
+
+    Not a default session (minutes). Arguments go to
+    ``benchmarks/validity/run.py`` (``-- --quick`` for a smoke run,
+    ``-- --backends torch``).
+    """
+    session.install(TORCH_SPEC)
+    session.install(".[jax,plot]", "scikit-learn")
+    session.run("python", "benchmarks/validity/run.py", *session.posargs)

@@ -6,6 +6,7 @@ entry-point group ``influx.backends`` and loaded on first use.
 
 from __future__ import annotations
 
+from influx import metrics, plot
 from influx._compile_cache import enable_compilation_cache
 from influx.attribution import Influence
 from influx.backends import (
@@ -86,6 +87,8 @@ __all__ = [
     "enable_compilation_cache",
     "get_backend",
     "make_solver",
+    "metrics",
+    "plot",
     "register_solver",
     "twice_differentiable",
     "use_backend",

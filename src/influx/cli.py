@@ -19,9 +19,10 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="train a small classifier with flipped labels and find them",
         description=(
-            "Train a small MLP on generated data with some flipped labels, compute "
-            "the influence of every training point on the test points and print the "
-            "most helpful and most harmful ones. The backend is --backend, else "
+            "Train a small MLP on generated data with some flipped labels, rank the "
+            "training points by self-influence and report how many flipped labels "
+            "are near the top, then print the most helpful and most harmful "
+            "training points of a few test points. The backend is --backend, else "
             "INFLUX_BACKEND, else torch if installed, else jax."
         ),
     )
@@ -37,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-flipped", type=int, default=15)
     demo.add_argument("--regularization", type=float, default=0.01)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--curvature",
+        default="ggn",
+        choices=["ggn", "hessian"],
+        help="the matrix inverted (default: ggn, the Gauss-Newton matrix)",
+    )
+    demo.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help='save the detection curve as a picture (needs "influx[plot]")',
+    )
     return parser
 
 
@@ -55,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_flipped=args.num_flipped,
                 regularization=args.regularization,
                 seed=args.seed,
+                curvature=args.curvature,
+                plot=args.plot,
             )
         except (ImportError, ValueError, TypeError) as error:
             print(f"influx demo: error: {error}", file=sys.stderr)
