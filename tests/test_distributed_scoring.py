@@ -88,6 +88,29 @@ def test_self_influence_equals_single_process(
     stored = inf.self_influence(train, out=tmp_path / "self.zarr", client=dask_client)
     assert stored.shape == (N_TRAIN,)
     _close(stored[:], expected, "float64")
+    # the model went to the workers once for both queries
+    assert len(inf.__dict__["_worker_models"]) == 1
+
+
+def test_self_influence_needs_source_training_for_cg(
+    backend_name: str, dask_client: Any
+) -> None:
+    """cg solves with the training Hessian on the workers: it must read it there."""
+    inf, train, _ = _problem(backend_name)
+    x, y = factory_data()
+    on_arrays = influx.Influence(inf.model, "cg", REG).fit(
+        influx.batches(x, y, batch_size=BATCH)
+    )
+    with pytest.raises(influx.InputError, match="training data must be a source"):
+        on_arrays.self_influence(train, client=dask_client)
+    direct = influx.Influence(inf.model, "direct", REG).fit(
+        influx.batches(x, y, batch_size=BATCH)
+    )  # factorised: the workers need no training data
+    _close(
+        direct.self_influence(train, client=dask_client),
+        direct.self_influence(train),
+        "float64",
+    )
 
 
 @pytest.mark.parametrize("largest", [True, False])
