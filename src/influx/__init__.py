@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from influx import metrics, plot
 from influx._compile_cache import enable_compilation_cache
+from influx._store import Results, open_results
 from influx.attribution import Influence
 from influx.backends import (
     BackendNotInstalledError,
@@ -75,6 +76,7 @@ __all__ = [
     "NotPositiveDefiniteWarning",
     "NystromPreconditioner",
     "Preconditioner",
+    "Results",
     "SolveInfo",
     "Solver",
     "TwiceDifferentiable",
@@ -88,6 +90,7 @@ __all__ = [
     "get_backend",
     "make_solver",
     "metrics",
+    "open_results",
     "plot",
     "register_solver",
     "twice_differentiable",
