@@ -407,6 +407,13 @@ def load_job(path: str | os.PathLike[str]) -> Job:
             "different paths."
         )
 
+    # the method and its options need no model: checked before the factory runs
+    from influx.solvers import make_solver
+
+    try:
+        make_solver(influence["method"], **influence.get("options", {}))
+    except (InputError, TypeError, ValueError) as error:
+        raise where.error(f"[influence]: {error}") from None
     python_path = _python_path(config.get("python_path", []), where)
     built = _call_factory(
         config["factory"], config.get("factory_args", {}), python_path, where
