@@ -125,10 +125,10 @@ def check_outputs(folder: Path, backend: str, k: int = 4) -> None:
     import zarr
 
     scores, self_scores = reference(backend)
-    stored = np.asarray(zarr.open_group(str(folder / "scores.zarr"), mode="r")["scores"])
+    stored = np.asarray(zarr.open_group(str(folder / "scores.zarr"))["scores"])
     assert stored.shape == scores.shape == (SMALL["n_test"], SMALL["n_train"])
     np.testing.assert_allclose(stored, scores, rtol=TOL, atol=TOL * abs(scores).max())
-    stored_self = np.asarray(zarr.open_group(str(folder / "self.zarr"), mode="r")["scores"])
+    stored_self = np.asarray(zarr.open_group(str(folder / "self.zarr"))["scores"])
     np.testing.assert_allclose(
         stored_self, self_scores, rtol=TOL, atol=TOL * abs(self_scores).max()
     )
@@ -362,7 +362,7 @@ def test_cluster_errors(tmp_path, capsys) -> None:
     config = example_config(
         any_backend(), cluster={"scheduler": address, "timeout": 0.5}
     )
-    expect_error(tmp_path, capsys, config, f"cannot reach the scheduler", address)
+    expect_error(tmp_path, capsys, config, "cannot reach the scheduler", address)
     config = example_config(
         any_backend(), cluster={"scheduler": address, "local_workers": 2}
     )
