@@ -1011,29 +1011,51 @@ def _client(job: Job) -> Iterator[Any]:
                 "address and that the scheduler runs, or raise [cluster] timeout."
             ) from None
         with client:
+            client.register_plugin(_path_plugin(job.python_path))
             yield client
         return
-    env = {"PYTHONPATH": os.pathsep.join(_worker_path(job))}
-    if job.backend == "jax" and _jax_x64():
-        env["JAX_ENABLE_X64"] = "1"
+    # Local workers are spawned with this process's sys.path (an environment
+    # PYTHONPATH would come too late); the plugin adds the job's folders, also
+    # to workers that replace lost ones.
+    env = {"JAX_ENABLE_X64": "1"} if job.backend == "jax" and _jax_x64() else {}
     with (
         LocalCluster(
             n_workers=job.local_workers,
             threads_per_worker=job.threads_per_worker,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port (None still tries 8787)
+            worker_dashboard_address=None,
             silence_logs=40,
             env=env,
         ) as cluster,
         Client(cluster) as client,
     ):
+        client.register_plugin(_path_plugin(job.python_path))
         yield client
 
 
-def _worker_path(job: Job) -> list[str]:
-    """The job's folders, then this process's import path (for local workers)."""
-    paths = [*job.python_path, *(p for p in sys.path if p and os.path.isdir(p))]
-    return list(dict.fromkeys(paths))
+def _path_plugin(folders: tuple[str, ...]) -> Any:
+    """A worker plugin putting ``folders`` first on each worker's ``sys.path``.
+
+    So that the workers import the factory's module (a custom model class or
+    loss pickled by reference) as the client did.
+    """
+    from distributed import WorkerPlugin
+
+    class ImportPath(WorkerPlugin):  # pickled by value (cloudpickle)
+        name = "influx-job-python-path"
+
+        def __init__(self, folders: list[str]) -> None:
+            self.folders = folders
+
+        def setup(self, worker: Any) -> None:
+            import sys
+
+            for folder in reversed(self.folders):
+                if folder not in sys.path:
+                    sys.path.insert(0, folder)
+
+    return ImportPath(list(folders))
 
 
 def _jax_x64() -> bool:
