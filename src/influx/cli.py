@@ -92,6 +92,9 @@ def _run(path: str, *, dry_run: bool, progress: bool) -> int:
         job = load_job(path)
         result = run_job(job, dry_run=dry_run, progress=progress)
     except InputError as error:
+        plan = getattr(error, "plan", None)
+        if dry_run and plan is not None:
+            print(plan)
         print(f"influx run: error: {error}", file=sys.stderr)
         return 2
     if dry_run:

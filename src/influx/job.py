@@ -83,7 +83,16 @@ import numpy as np
 
 from influx.errors import InputError
 
-__all__ = ["Job", "JobError", "JobResult", "Plan", "StoreState", "load_job", "run_job"]
+__all__ = [
+    "Job",
+    "JobError",
+    "JobResult",
+    "Plan",
+    "StoreState",
+    "load_job",
+    "run_job",
+    "top_k_of_store",
+]
 
 #: Suffix of the top-k file written next to the scores store.
 TOP_K_SUFFIX = ".top_k.npz"
@@ -152,12 +161,34 @@ class StoreState:
     done
         Chunks an earlier run of this job finished (0 for a new store or one
         that will be overwritten).
+    replaced
+        Whether the run deletes what is there (``overwrite``).
+    problem
+        Why the run cannot use the path (a store of another job, something
+        that is not a store), or ``None``.
     """
 
     path: Path
     exists: bool
     chunks: int
     done: int
+    replaced: bool = False
+    problem: str | None = None
+
+    def status(self) -> str:
+        """One line: new, replaced, complete, partly done, or the problem."""
+        if self.problem is not None:
+            return f"ERROR: {self.problem}"
+        if self.replaced:
+            return "exists, replaced ([output] overwrite = true)"
+        if not self.exists:
+            return "new"
+        if self.done == self.chunks:
+            return f"complete ({self.done} of {self.chunks} chunks done)"
+        return (
+            f"{self.done} of {self.chunks} chunks done, "
+            f"{self.chunks - self.done} to compute"
+        )
 
 
 @dataclass
@@ -299,18 +330,10 @@ class Plan:
             f"cluster      {self.cluster}",
         ]
         for name, state, shape in self.stores:
-            if not state.exists:
-                status = "new"
-            elif state.done == state.chunks:
-                status = f"complete ({state.done} of {state.chunks} chunks done)"
-            else:
-                status = (
-                    f"{state.done} of {state.chunks} chunks done, "
-                    f"{state.chunks - state.done} to compute"
-                )
             lines.append(
                 f"{name:<12} {state.path}  {list(shape)}  "
-                f"{_bytes(math.prod(shape) * _itemsize(self.dtype))}  {status}"
+                f"{_bytes(math.prod(shape) * _itemsize(self.dtype))}  "
+                f"{state.status()}"
             )
         if self.top_k is not None:
             lines.append(f"top_k        k = {self.top_k} per test point (from scores)")
@@ -789,11 +812,16 @@ def _plan(job: Job, workers: int | None) -> Plan:
     num_train = int(job.train.num_samples)
     num_test = job.num_test
     widths = [p.num_samples for p in job.train.partitions]
+    wanted = _fingerprints(job, influence)
     stores = [
-        ("scores", _store_state(job, job.scores, len(widths)), (num_test, num_train))
+        (
+            "scores",
+            _store_state(job, job.scores, wanted["scores"], len(widths)),
+            (num_test, num_train),
+        )
     ]
     if job.self_influence is not None:
-        state = _store_state(job, job.self_influence, len(widths))
+        state = _store_state(job, job.self_influence, wanted["self"], len(widths))
         stores.append(("self", state, (num_train,)))
     result = sum(math.prod(shape) for _, _, shape in stores) * itemsize
     batch = int(job.train.batch_size)
@@ -841,29 +869,94 @@ def _plan(job: Job, workers: int | None) -> Plan:
     )
 
 
-def _store_state(job: Job, path: Path, chunks: int) -> StoreState:
-    """What ``path`` holds: nothing, or a store with some chunks done."""
-    if not path.exists():
+def _fingerprints(job: Job, influence: Any) -> dict[str, dict[str, Any]]:
+    """The fingerprints the job's stores will carry, known before the fit.
+
+    The same as :meth:`influx.Influence.influences` and
+    :meth:`~influx.Influence.self_influence` compute when they open a store,
+    with the number of training points (``N``, known once fitted) filled in.
+    """
+    import warnings
+
+    from influx._distributed_scoring import (
+        _result_dtype,
+        digest_test_data,
+        fingerprint,
+        plan_chunks,
+    )
+
+    model = influence.model
+    chunks = plan_chunks(job.train, "input_data")
+    dtype = _result_dtype(model)
+    test = digest_test_data(model, job.test)
+    up = {
+        "query": "influences",
+        "influence_type": "up",
+        "by_layer": False,
+        "measurement": None,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unseeded method: warned by the run
+        found = {
+            "scores": fingerprint(
+                influence, up, chunks, (test[0], chunks.num_points), dtype, test
+            ),
+            "self": fingerprint(
+                influence,
+                {"query": "self_influence"},
+                chunks,
+                (chunks.num_points,),
+                dtype,
+                None,
+            ),
+        }
+    for value in found.values():
+        value["num_training_samples"] = int(job.train.num_samples)
+    return found
+
+
+def _store_state(
+    job: Job, path: Path, wanted: dict[str, Any], chunks: int
+) -> StoreState:
+    """What ``path`` holds, and whether this job may use it.
+
+    Mirrors the store's own checks, so that they fail here, before any work.
+    """
+    from influx._store import _differences, _is_zarr, _read, fingerprint_hash
+
+    target = str(path)
+    if not os.path.lexists(target):
         return StoreState(path, False, chunks, 0)
+    group, header = _read(target)
+    if header is None:
+        if path.is_dir() and not any(path.iterdir()):
+            return StoreState(path, False, chunks, 0)
+        if job.overwrite and _is_zarr(target):
+            return StoreState(path, True, chunks, 0, replaced=True)
+        return StoreState(
+            path,
+            True,
+            chunks,
+            0,
+            problem=f"{path} exists and is not an influx results store: influx "
+            "never deletes it; move it, or name another path in [output].",
+        )
     if job.overwrite:
-        return StoreState(path, True, chunks, 0)
-    done = _done_chunks(path)
+        return StoreState(path, True, chunks, 0, replaced=True)
+    if header.get("fingerprint_sha256") != fingerprint_hash(wanted):
+        differences = "; ".join(_differences(header["fingerprint"], wanted))
+        return StoreState(
+            path,
+            True,
+            chunks,
+            0,
+            problem=f"{path} holds the results of another job ("
+            + (differences or "its fingerprint differs")
+            + "): set [output] overwrite = true to replace it, or name another "
+            "path.",
+        )
+    done = int(np.count_nonzero(np.asarray(group["done"][:])))
     return StoreState(path, True, chunks, done)
-
-
-def _done_chunks(path: Path) -> int:
-    """Chunks marked done in the store at ``path`` (its ``done`` array)."""
-    import zarr
-
-    try:
-        group = zarr.open_group(str(path), mode="r")
-        done = np.asarray(group["done"][:])
-    except Exception as error:
-        raise JobError(
-            f"{path} exists but is no influx results store ({error}): move it, "
-            "or set [output] overwrite = true to replace it."
-        ) from None
-    return int(np.count_nonzero(done))
 
 
 # -- running --------------------------------------------------------------------
@@ -900,8 +993,11 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
         if job.scheduler is not None:
             with _client(job) as client:
                 workers = len(client.scheduler_info().get("workers", {}))
-        return JobResult(plan=job.plan(workers))
+        plan = job.plan(workers)
+        _check_stores(plan)
+        return JobResult(plan=plan)
     plan = job.plan()
+    _check_stores(plan)
     seconds: dict[str, float] = {}
     result = JobResult(plan=plan, seconds=seconds)
     with _client(job) as client:
@@ -946,6 +1042,15 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
             say(f"  test point {row}: training points {indices[row].tolist()}")
     say("done: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return result
+
+
+def _check_stores(plan: Plan) -> None:
+    """Raise (with the plan attached) if a store cannot be used."""
+    problems = [state.problem for _, state, _ in plan.stores if state.problem]
+    if problems:
+        error = JobError(f"{plan.job}: [output] " + " ".join(problems))
+        error.plan = plan  # type: ignore[attr-defined]
+        raise error
 
 
 def top_k_of_store(
