@@ -8,6 +8,7 @@ example's factory directly (float64, to 1e-10).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -25,7 +26,7 @@ from influx.job import JobError, load_job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-10
-SMALL = {"n_train": 60, "n_test": 5, "epochs": 40, "hidden": 6}
+SMALL = {"n_train": 60, "n_test": 5, "epochs": 15, "hidden": 6}
 
 
 def _installed(name: str) -> bool:
@@ -87,7 +88,8 @@ def write_job(folder: Path, config: dict[str, Any], name: str = "job.toml") -> P
     return path
 
 
-def reference(backend: str, options: dict[str, Any] | None = None):
+@functools.cache
+def reference(backend: str) -> tuple[np.ndarray, np.ndarray]:
     """Scores and self-influence of the example's model, computed directly."""
     module = importlib.import_module(f"examples.{backend}.factory")
     built = module.build(**SMALL)
@@ -96,7 +98,7 @@ def reference(backend: str, options: dict[str, Any] | None = None):
     )
     train = influx.batches(*built["train"], batch_size=10)
     test = influx.batches(*built["test"], batch_size=10)
-    inf = influx.Influence(model, "ekfac", 1e-3, **(options or {"fisher": "empirical"}))
+    inf = influx.Influence(model, "ekfac", 1e-3, fisher="empirical")
     inf.fit(train)
     to_numpy = np.asarray if backend == "jax" else lambda a: a.detach().numpy()
     return to_numpy(inf.influences(test, train)), to_numpy(inf.self_influence(train))
@@ -222,7 +224,9 @@ def test_plan_memory_per_worker(backend_name: str, tmp_path: Path) -> None:
     assert plan.chunk_widths == [20, 20, 20]
 
 
-def test_dry_run_counts_chunks_done(backend_name: str, tmp_path: Path) -> None:
+def test_dry_run_counts_chunks_done_and_a_rerun_resumes(
+    backend_name: str, tmp_path: Path
+) -> None:
     import zarr
 
     job_path = write_job(tmp_path, example_config(backend_name))
@@ -233,6 +237,61 @@ def test_dry_run_counts_chunks_done(backend_name: str, tmp_path: Path) -> None:
     scores_state = plan.stores[0][1]
     assert (scores_state.chunks, scores_state.done) == (3, 2)
     assert "2 of 3 chunks done, 1 to compute" in str(plan)
+    assert plan.stores[1][1].status() == "complete (3 of 3 chunks done)"
+    assert run_cli(job_path) == 0
+    scores = influx.open_results(tmp_path / "scores.zarr")
+    assert [run["number"] for run in scores.runs] == [1, 2]
+    assert scores.done.tolist() == [1, 2, 1]  # run 2 computed chunk 1 only
+    self_scores = influx.open_results(tmp_path / "self.zarr")
+    assert self_scores.written_by(2) == 0 and self_scores.complete
+    check_outputs(tmp_path, backend_name)
+
+
+def test_store_of_another_job_is_refused_before_any_work(
+    backend_name: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job_path = write_job(tmp_path, example_config(backend_name))
+    assert run_cli(job_path) == 0
+    before = influx.open_results(tmp_path / "scores.zarr")
+    stored = np.asarray(before.scores[:])
+    other = example_config(backend_name, influence={"hessian_regularization": 0.1})
+    write_job(tmp_path, other)
+
+    def no_fit(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the job fitted before checking its stores")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(influx.Influence, "fit", no_fit)
+        capsys.readouterr()
+        assert cli.main(["run", "--dry-run", str(job_path)]) == 2
+        out, err = capsys.readouterr()
+        assert "ERROR:" in out and "holds the results of another job" in out
+        assert "hessian_regularization: stored 0.001, this call 0.1" in err
+        assert "overwrite = true" in err
+        assert run_cli(job_path) == 2
+    after = influx.open_results(tmp_path / "scores.zarr")
+    assert after.runs == before.runs
+    np.testing.assert_array_equal(np.asarray(after.scores[:]), stored)
+    # overwrite = true starts over
+    write_job(tmp_path, {**other, "output": {**other["output"], "overwrite": True}})
+    assert run_cli(job_path) == 0
+    replaced = influx.open_results(tmp_path / "scores.zarr")
+    assert replaced.fingerprint["hessian_regularization"] == 0.1
+    assert [run["number"] for run in replaced.runs] == [1]
+
+
+def test_a_path_that_is_no_store_is_never_touched(tmp_path, capsys) -> None:
+    (tmp_path / "scores.zarr").mkdir()
+    (tmp_path / "scores.zarr" / "notes.txt").write_text("mine")
+    config = example_config(any_backend(), output={"overwrite": True})
+    job = write_job(tmp_path, config)
+    capsys.readouterr()
+    assert run_cli(job) == 2
+    assert "is not an influx results store" in capsys.readouterr().err
+    assert (tmp_path / "scores.zarr" / "notes.txt").read_text() == "mine"
 
 
 # -- config errors -----------------------------------------------------------------
