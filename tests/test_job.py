@@ -426,3 +426,14 @@ def test_cluster_errors(tmp_path, capsys) -> None:
         any_backend(), cluster={"scheduler": address, "local_workers": 2}
     )
     expect_error(tmp_path, capsys, config, "both scheduler and local_workers")
+
+
+def test_dry_run_counts_the_workers_of_a_scheduler(
+    backend_name: str, tmp_path: Path, dask_client: Any
+) -> None:
+    address = dask_client.scheduler.address
+    config = example_config(backend_name, cluster={"scheduler": address})
+    plan = run_job(load_job(write_job(tmp_path, config)), dry_run=True).plan
+    assert plan.workers == 2
+    assert f"cluster      scheduler {address}, 2 workers" in str(plan)
+    assert not (tmp_path / "scores.zarr").exists()
