@@ -413,6 +413,10 @@ def test_method_errors(tmp_path, capsys) -> None:
     expect_error(tmp_path, capsys, config, "'fishr'", "Valid options: fisher")
     config = example_config(any_backend(), influence={"hessian_regularization": -1})
     expect_error(tmp_path, capsys, config, "hessian_regularization must be")
+    config = example_config(any_backend(), influence={"curvature": "fisher"})
+    expect_error(tmp_path, capsys, config, "curvature must be one of 'hessian'")
+    config = example_config(any_backend(), data={"partition_size": 25})
+    expect_error(tmp_path, capsys, config, "must be a multiple of batch_size = 10")
 
 
 def test_cluster_errors(tmp_path, capsys) -> None:

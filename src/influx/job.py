@@ -430,13 +430,27 @@ def load_job(path: str | os.PathLike[str]) -> Job:
             "different paths."
         )
 
-    # the method and its options need no model: checked before the factory runs
+    if partition_size is not None and partition_size % batch_size:
+        raise where.error(
+            f"[data] partition_size = {partition_size} must be a multiple of "
+            f"batch_size = {batch_size} (partitions hold whole batches): use "
+            f"{batch_size * max(1, partition_size // batch_size)}."
+        )
+    # the method, its options and the curvature's name need no model: checked
+    # before the factory runs
+    from influx.operators import CURVATURES
     from influx.solvers import make_solver
 
     try:
         make_solver(influence["method"], **influence.get("options", {}))
     except (InputError, TypeError, ValueError) as error:
         raise where.error(f"[influence]: {error}") from None
+    curvature = influence.get("curvature")
+    if curvature is not None and curvature.strip().lower() not in CURVATURES:
+        raise where.error(
+            f"[influence] curvature must be one of {', '.join(map(repr, CURVATURES))}"
+            f", got {curvature!r}."
+        )
     python_path = _python_path(config.get("python_path", []), where)
     built = _call_factory(
         config["factory"], config.get("factory_args", {}), python_path, where
