@@ -142,9 +142,22 @@ def check_outputs(folder: Path, backend: str, k: int = 4) -> None:
     )
 
 
-def test_example_runs_in_process(backend_name: str, tmp_path: Path) -> None:
+def test_example_runs_in_process(
+    backend_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     job = write_job(tmp_path, example_config(backend_name))
     assert run_cli(job) == 0
+    check_outputs(tmp_path, backend_name)
+    (tmp_path / "scores.top_k.npz").unlink()
+    # again: every chunk is done, so no fit and no new run in the stores
+    monkeypatch.setattr(influx.Influence, "fit", None)
+    capsys.readouterr()
+    assert cli.main(["run", str(job)]) == 0
+    assert "nothing to compute" in capsys.readouterr().err
+    assert len(influx.open_results(tmp_path / "scores.zarr").runs) == 1
     check_outputs(tmp_path, backend_name)
 
 

@@ -175,6 +175,16 @@ class StoreState:
     replaced: bool = False
     problem: str | None = None
 
+    @property
+    def complete(self) -> bool:
+        """Whether a run of this job finished every chunk already."""
+        return (
+            self.exists
+            and not self.replaced
+            and self.problem is None
+            and self.done == self.chunks
+        )
+
     def status(self) -> str:
         """One line: new, replaced, complete, partly done, or the problem."""
         if self.problem is not None:
@@ -1014,6 +1024,33 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
     _check_stores(plan)
     seconds: dict[str, float] = {}
     result = JobResult(plan=plan, seconds=seconds)
+    if all(state.complete for _, state, _ in plan.stores):
+        # nothing to compute: no cluster, no fit
+        from influx._store import open_results
+
+        say("every chunk of every store is done: nothing to compute")
+        result.scores = open_results(job.scores).scores
+        if job.self_influence is not None:
+            result.self_influence = open_results(job.self_influence).scores
+    else:
+        _compute(job, plan, result, say, progress)
+    if job.top_k is not None:
+        start = time.perf_counter()
+        target = job.top_k_path
+        say(f"top-k: k = {job.top_k} from the scores -> {target}")
+        values, indices = top_k_of_store(result.scores, job.top_k, progress=progress)
+        np.savez(target, values=values, indices=indices)
+        result.top_k = (values, indices)
+        seconds["top_k"] = time.perf_counter() - start
+        for row in range(min(3, values.shape[0])):
+            say(f"  test point {row}: training points {indices[row].tolist()}")
+    say("done: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return result
+
+
+def _compute(job: Job, plan: Plan, result: JobResult, say: Any, progress: bool):
+    """Fit, then fill the stores (their missing chunks), on the job's cluster."""
+    seconds = result.seconds
     with _client(job) as client:
         if client is not None:
             workers = len(client.scheduler_info().get("workers", {}))
@@ -1043,19 +1080,6 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
                 **extra,
             )
             seconds["self_influence"] = time.perf_counter() - start
-
-    if job.top_k is not None:
-        start = time.perf_counter()
-        target = job.top_k_path
-        say(f"top-k: k = {job.top_k} from the scores -> {target}")
-        values, indices = top_k_of_store(result.scores, job.top_k, progress=progress)
-        np.savez(target, values=values, indices=indices)
-        result.top_k = (values, indices)
-        seconds["top_k"] = time.perf_counter() - start
-        for row in range(min(3, values.shape[0])):
-            say(f"  test point {row}: training points {indices[row].tolist()}")
-    say("done: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return result
 
 
 def _check_stores(plan: Plan) -> None:
