@@ -326,6 +326,12 @@ def returns_bad_train(**kwargs: Any) -> dict[str, Any]:
     return built
 
 
+def returns_a_source(**kwargs: Any) -> dict[str, Any]:
+    built = importlib.import_module(f"examples.{any_backend()}.factory").build(**SMALL)
+    built["train"] = influx.ArraySource(*built["train"], batch_size=30)
+    return built
+
+
 def expect_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], config: Any, *needles: str
 ) -> str:
@@ -389,6 +395,12 @@ def test_factory_errors(tmp_path, capsys) -> None:
     expect_error(tmp_path, capsys, config, "'train' must be a pair (x, y)")
     config = example_config(backend, factory_args={"n_trian": 5})
     expect_error(tmp_path, capsys, config, "does not take the [factory_args]")
+    config = example_config(backend, factory="test_job:returns_a_source")
+    expect_error(
+        tmp_path, capsys, config, "is an influx Source", "batch_size, partition_size"
+    )
+    config = example_config(backend, python_path=["no/such/folder"])
+    expect_error(tmp_path, capsys, config, "python_path entry 'no/such/folder'")
 
 
 def test_backend_errors(tmp_path, capsys, monkeypatch) -> None:

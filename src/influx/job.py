@@ -466,8 +466,18 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         config["factory"], config.get("factory_args", {}), python_path, where
     )
     model = _wrap(built, backend, config["factory"], where)
-    train = _source(built["train"], "train", batch_size, partition_size, where)
-    test = _test_data(built["test"], test_batch_size, where)
+    train = _source(
+        built["train"],
+        "train",
+        batch_size,
+        partition_size,
+        where,
+        data,
+        ("batch_size", "partition_size"),
+    )
+    test = _source(
+        built["test"], "test", test_batch_size, None, where, data, ("test_batch_size",)
+    )
     job = Job(
         path=file,
         config=config,
@@ -722,10 +732,27 @@ def _wrap(built: dict[str, Any], backend: str, spec: str, where: _Where) -> Any:
         ) from None
 
 
-def _source(value: Any, name: str, batch_size: int, partition_size: Any, where: _Where):
+def _source(
+    value: Any,
+    name: str,
+    batch_size: int,
+    partition_size: Any,
+    where: _Where,
+    data: dict[str, Any],
+    keys: tuple[str, ...],
+) -> Any:
+    """The factory's ``name`` data as a Source (arrays: an ArraySource)."""
     from influx.sources import ArraySource, Source
 
     if isinstance(value, Source):
+        given = [key for key in keys if key in data]
+        if given:
+            raise where.error(
+                f"the factory's {name!r} is an influx Source, which has its own "
+                f"batch and partition sizes ({value!r}), but [data] sets "
+                f"{', '.join(given)} for it: remove them from [data], or return "
+                "arrays (x, y) from the factory."
+            )
         return value
     if not isinstance(value, tuple | list) or len(value) != 2:
         raise where.error(
@@ -738,10 +765,6 @@ def _source(value: Any, name: str, batch_size: int, partition_size: Any, where: 
         )
     except (InputError, TypeError) as error:
         raise where.error(f"the factory's {name!r} data: {error}") from None
-
-
-def _test_data(value: Any, batch_size: int, where: _Where) -> Any:
-    return _source(value, "test", batch_size, None, where)
 
 
 def _num_samples(data: Any) -> int:
