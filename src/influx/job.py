@@ -348,10 +348,18 @@ class Plan:
         if self.top_k is not None:
             lines.append(f"top_k        k = {self.top_k} per test point (from scores)")
         lines.append(f"result size  {_bytes(self.result_bytes)}")
-        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in self.memory.items())
         lines.append(
-            f"memory       about {_bytes(self.memory_per_worker)} per worker ({parts})"
+            f"memory       about {_bytes(self.memory_per_worker)} per worker, of which"
         )
+        shapes = {
+            "model": "[P]",
+            "factors": "[N_test, P]",
+            "gradients": "[batch, P], one batch at a time",
+            "block": "[N_test, partition], one chunk of scores",
+            "state": f"the fitted {self.method} state",
+        }
+        for key, value in self.memory.items():
+            lines.append(f"  {key:<10} {_bytes(value):>10}  {shapes.get(key, '')}")
         return "\n".join(lines)
 
 
