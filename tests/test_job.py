@@ -169,7 +169,7 @@ def test_example_runs_on_two_local_workers(backend_name: str, tmp_path: Path) ->
     check_outputs(tmp_path, backend_name)
 
 
-def test_example_runs_as_a_command_and_resumes(backend_name: str, tmp_path: Path):
+def test_example_runs_as_a_command(backend_name: str, tmp_path: Path):
     job = write_job(tmp_path, example_config(backend_name))
     env = dict(os.environ)
     paths = [str(ROOT / "src"), str(ROOT / "backends")]

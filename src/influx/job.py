@@ -59,6 +59,14 @@ pickling, so a custom module class or loss function must be importable on them
 too (a :class:`~dask.distributed.LocalCluster` started by the job gets the
 job's ``python_path`` and working directory on its path).
 
+Running a job again resumes it: the stores record which chunks are done, so
+only the missing ones are computed (the fit runs again, unless every chunk is
+done: then nothing runs, and only the top-k is read again from the scores).
+A store that holds another job's results (another model, method, lambda,
+data) is refused unless ``overwrite = true``. Stores and the top-k file are
+written by the client process and, for stores, by the workers: on a cluster
+the paths must be on a file system they share.
+
 Everything is checked before any work and before any store is opened for
 writing: unknown keys, the factory and what it returns, the backend, the
 method and its options, stores of another job, the scheduler. Errors are
