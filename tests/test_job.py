@@ -151,6 +151,7 @@ def test_example_runs_in_process(
     job = write_job(tmp_path, example_config(backend_name))
     assert run_cli(job) == 0
     check_outputs(tmp_path, backend_name)
+    assert len(list(tmp_path.glob("scores.fit-*.npz"))) == 1
     (tmp_path / "scores.top_k.npz").unlink()
     # again: every chunk is done, so no fit and no new run in the stores
     monkeypatch.setattr(influx.Influence, "fit", None)
@@ -163,9 +164,20 @@ def test_example_runs_in_process(
 
 def test_example_runs_on_two_local_workers(backend_name: str, tmp_path: Path) -> None:
     pytest.importorskip("distributed")
+    import zarr
+
     config = example_config(backend_name, cluster={"local_workers": 2})
     job = write_job(tmp_path, config)
     assert run_cli(job) == 0
+    check_outputs(tmp_path, backend_name)
+    # a rerun with a chunk of each store missing: the workers fill them from
+    # the loaded fit
+    for name in ("scores.zarr", "self.zarr"):
+        zarr.open_group(str(tmp_path / name), mode="r+")["done"][2] = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(influx.Influence, "fit", None)
+        assert run_cli(job) == 0
+    assert influx.open_results(tmp_path / "self.zarr").done.tolist() == [1, 1, 2]
     check_outputs(tmp_path, backend_name)
 
 
@@ -251,7 +263,10 @@ def test_dry_run_counts_chunks_done_and_a_rerun_resumes(
     assert (scores_state.chunks, scores_state.done) == (3, 2)
     assert "2 of 3 chunks done, 1 to compute" in str(plan)
     assert plan.stores[1][1].status() == "complete (3 of 3 chunks done)"
-    assert run_cli(job_path) == 0
+    # the rerun loads the first run's fit (fitting again would fail here)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(influx.Influence, "fit", None)
+        assert run_cli(job_path) == 0
     scores = influx.open_results(tmp_path / "scores.zarr")
     assert [run["number"] for run in scores.runs] == [1, 2]
     assert scores.done.tolist() == [1, 2, 1]  # run 2 computed chunk 1 only
@@ -270,6 +285,7 @@ def test_store_of_another_job_is_refused_before_any_work(
     assert run_cli(job_path) == 0
     before = influx.open_results(tmp_path / "scores.zarr")
     stored = np.asarray(before.scores[:])
+    (first_fit,) = (path.name for path in tmp_path.glob("scores.fit-*.npz"))
     other = example_config(backend_name, influence={"hessian_regularization": 0.1})
     write_job(tmp_path, other)
 
@@ -294,6 +310,8 @@ def test_store_of_another_job_is_refused_before_any_work(
     replaced = influx.open_results(tmp_path / "scores.zarr")
     assert replaced.fingerprint["hessian_regularization"] == 0.1
     assert [run["number"] for run in replaced.runs] == [1]
+    fits = list(tmp_path.glob("scores.fit-*.npz"))
+    assert len(fits) == 1 and fits[0].name != first_fit
 
 
 def test_a_path_that_is_no_store_is_never_touched(tmp_path, capsys) -> None:

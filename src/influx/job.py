@@ -60,8 +60,13 @@ too (a :class:`~dask.distributed.LocalCluster` started by the job gets the
 job's ``python_path`` and working directory on its path).
 
 Running a job again resumes it: the stores record which chunks are done, so
-only the missing ones are computed (the fit runs again, unless every chunk is
-done: then nothing runs, and only the top-k is read again from the scores).
+only the missing ones are computed. The fitted state is saved next to the
+scores store (``scores.fit-<hash>.npz``, see :meth:`influx.Influence.save`;
+the hash is the scores' fingerprint), and a rerun loads it instead of fitting
+again (direct, arnoldi, block, kfac, ekfac; cg and lissa fit again). When
+every chunk is done nothing runs, and only the top-k is read again from the
+scores. The saved fit also serves later queries: ``influx.Influence.load(path,
+model)``.
 A store that holds another job's results (another model, method, lambda,
 data) is refused unless ``overwrite = true``. Stores and the top-k file are
 written by the client process and, for stores, by the workers: on a cluster
@@ -78,6 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import math
 import os
 import sys
@@ -104,6 +110,13 @@ __all__ = [
 
 #: Suffix of the top-k file written next to the scores store.
 TOP_K_SUFFIX = ".top_k.npz"
+#: The fitted state is saved next to the scores store as
+#: ``<stem>.fit-<first 12 hex digits of the scores' fingerprint>.npz``.
+FIT_INFIX = ".fit-"
+#: Methods whose saved fit is reused by a rerun: their queries need no pass
+#: over the training data (cg and lissa fit little and multiply by the
+#: Hessian in every query, so a rerun fits them again, on the cluster).
+REUSABLE_FITS = ("direct", "arnoldi", "block", "kfac", "ekfac")
 #: Seconds to wait for a scheduler when the job file does not say.
 DEFAULT_TIMEOUT = 10.0
 
@@ -1078,7 +1091,10 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
         target = job.top_k_path
         say(f"top-k: k = {job.top_k} from the scores -> {target}")
         values, indices = top_k_of_store(result.scores, job.top_k, progress=progress)
-        np.savez(target, values=values, indices=indices)
+        partial = target.with_name(target.name + ".partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, values=values, indices=indices)
+        os.replace(partial, target)
         result.top_k = (values, indices)
         seconds["top_k"] = time.perf_counter() - start
         for row in range(min(3, values.shape[0])):
@@ -1094,12 +1110,9 @@ def _compute(job: Job, plan: Plan, result: JobResult, say: Any, progress: bool):
         if client is not None:
             workers = len(client.scheduler_info().get("workers", {}))
             say(f"cluster: {client.scheduler.address}, {workers} workers")
-        influence = job.influence(progress=progress)
         extra = {} if client is None else {"client": client}
-
         start = time.perf_counter()
-        say(f"fit: {plan.method} on {plan.num_train} training points")
-        influence.fit(job.train, **extra)
+        influence = _fitted(job, plan, extra, say, progress)
         seconds["fit"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -1119,6 +1132,36 @@ def _compute(job: Job, plan: Plan, result: JobResult, say: Any, progress: bool):
                 **extra,
             )
             seconds["self_influence"] = time.perf_counter() - start
+
+
+def _fitted(
+    job: Job, plan: Plan, extra: dict[str, Any], say: Any, progress: bool
+) -> Any:
+    """The job's fitted Influence: loaded from an earlier run's file, or fitted.
+
+    A new fit is saved (written to a temporary file, then renamed: a killed
+    run leaves no partial file) and replaces older fits of the scores store.
+    """
+    from influx._store import fingerprint_hash
+    from influx.attribution import Influence
+
+    influence = job.influence(progress=progress)
+    digest = fingerprint_hash(_fingerprints(job, influence)["scores"])
+    stem = job.scores.stem + FIT_INFIX
+    path = job.scores.with_name(f"{stem}{digest[:12]}.npz")
+    if influence.method in REUSABLE_FITS and path.exists() and not job.overwrite:
+        say(f"fit: loading {path.name}, saved by an earlier run of this job")
+        return Influence.load(path, job.model, job.train, progress=progress)
+    say(f"fit: {plan.method} on {plan.num_train} training points")
+    influence.fit(job.train, **extra)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        influence.save(handle)
+    os.replace(partial, path)
+    for old in job.scores.parent.glob(f"{glob.escape(stem)}*.npz"):
+        if old != path:
+            old.unlink()
+    return influence
 
 
 def _check_stores(plan: Plan) -> None:
