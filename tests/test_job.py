@@ -224,6 +224,7 @@ def test_dry_run_prints_the_plan_and_computes_nothing(
         "[5, 60]",
         "[60]",
         "new",
+        "fit          ekfac on the training data, saved to",
     ):
         assert text in out, text
     assert not (tmp_path / "scores.zarr").exists()
@@ -262,6 +263,7 @@ def test_dry_run_counts_chunks_done_and_a_rerun_resumes(
     scores_state = plan.stores[0][1]
     assert (scores_state.chunks, scores_state.done) == (3, 2)
     assert "2 of 3 chunks done, 1 to compute" in str(plan)
+    assert plan.fit.startswith("loaded from") and "scores.fit-" in plan.fit
     assert plan.stores[1][1].status() == "complete (3 of 3 chunks done)"
     # the rerun loads the first run's fit (fitting again would fail here)
     with pytest.MonkeyPatch.context() as patch:

@@ -340,6 +340,7 @@ class Plan:
     top_k: int | None
     result_bytes: int
     memory: dict[str, int] = field(default_factory=dict)
+    fit: str = ""
 
     @property
     def memory_per_worker(self) -> int:
@@ -368,6 +369,8 @@ class Plan:
             )
         if self.top_k is not None:
             lines.append(f"top_k        k = {self.top_k} per test point (from scores)")
+        if self.fit:
+            lines.append(f"fit          {self.fit}")
         lines.append(f"result size  {_bytes(self.result_bytes)}")
         lines.append(
             f"memory       about {_bytes(self.memory_per_worker)} per worker, of which"
@@ -942,7 +945,26 @@ def _plan(job: Job, workers: int | None) -> Plan:
         top_k=job.top_k,
         result_bytes=result,
         memory=memory,
+        fit=_fit_plan(job, influence, wanted["scores"], stores),
     )
+
+
+def _fit_path(job: Job, wanted: dict[str, Any]) -> Path:
+    """Where the fit of the job with scores fingerprint ``wanted`` is saved."""
+    from influx._store import fingerprint_hash
+
+    digest = fingerprint_hash(wanted)[:12]
+    return job.scores.with_name(f"{job.scores.stem}{FIT_INFIX}{digest}.npz")
+
+
+def _fit_plan(job: Job, influence: Any, wanted: dict[str, Any], stores: Any) -> str:
+    """What the run does for the fit, in words."""
+    if all(state.complete for _, state, _ in stores):
+        return "none: every chunk is done"
+    path = _fit_path(job, wanted)
+    if influence.method in REUSABLE_FITS and path.exists() and not job.overwrite:
+        return f"loaded from {path} (an earlier run's)"
+    return f"{influence.method} on the training data, saved to {path}"
 
 
 def _fingerprints(job: Job, influence: Any) -> dict[str, dict[str, Any]]:
@@ -1142,13 +1164,11 @@ def _fitted(
     A new fit is saved (written to a temporary file, then renamed: a killed
     run leaves no partial file) and replaces older fits of the scores store.
     """
-    from influx._store import fingerprint_hash
     from influx.attribution import Influence
 
     influence = job.influence(progress=progress)
-    digest = fingerprint_hash(_fingerprints(job, influence)["scores"])
+    path = _fit_path(job, _fingerprints(job, influence)["scores"])
     stem = job.scores.stem + FIT_INFIX
-    path = job.scores.with_name(f"{stem}{digest[:12]}.npz")
     if influence.method in REUSABLE_FITS and path.exists() and not job.overwrite:
         say(f"fit: loading {path.name}, saved by an earlier run of this job")
         return Influence.load(path, job.model, job.train, progress=progress)
