@@ -56,8 +56,10 @@ The factory contract: ``factory`` is ``"module:function"``, importable from
 
 The factory runs once, on the client. Workers receive the wrapped model by
 pickling, so a custom module class or loss function must be importable on them
-too (a :class:`~dask.distributed.LocalCluster` started by the job gets the
-job's ``python_path`` and working directory on its path).
+too: the job puts its ``python_path`` folders and the working directory first
+on every worker's ``sys.path`` (a worker plugin, so also on workers that
+replace lost ones), which serves a local cluster, and a scheduler's workers
+when they see the same file system.
 
 Running a job again resumes it: the stores record which chunks are done, so
 only the missing ones are computed. The fitted state is saved next to the
@@ -67,6 +69,7 @@ again (direct, arnoldi, block, kfac, ekfac; cg and lissa fit again). When
 every chunk is done nothing runs, and only the top-k is read again from the
 scores. The saved fit also serves later queries: ``influx.Influence.load(path,
 model)``.
+
 A store that holds another job's results (another model, method, lambda,
 data) is refused unless ``overwrite = true``. Stores and the top-k file are
 written by the client process and, for stores, by the workers: on a cluster
