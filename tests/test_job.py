@@ -166,9 +166,33 @@ def test_example_runs_on_two_local_workers(backend_name: str, tmp_path: Path) ->
     pytest.importorskip("distributed")
     import zarr
 
-    config = example_config(backend_name, cluster={"local_workers": 2})
+    # The factory's module lives in a folder only python_path names, and its
+    # loss is pickled by reference: the workers import that module through
+    # the job's worker plugin (they start with this process's sys.path).
+    extra = tmp_path / "factories"
+    extra.mkdir()
+    module = f"job_factory_{backend_name}_{os.getpid()}"
+    inner = {
+        "torch": "from torch.nn.functional import cross_entropy",
+        "jax": "from examples.jax.factory import cross_entropy",
+    }[backend_name]
+    (extra / f"{module}.py").write_text(
+        f"from examples.{backend_name}.factory import build as _build\n"
+        f"{inner}\n\n\n"
+        "def loss(predictions, targets):\n"
+        "    return cross_entropy(predictions, targets)\n\n\n"
+        "def build(**kwargs):\n"
+        "    return {**_build(**kwargs), 'loss': loss}\n"
+    )
+    config = example_config(
+        backend_name,
+        cluster={"local_workers": 2},
+        factory=f"{module}:build",
+        python_path=[str(ROOT), str(extra)],
+    )
     job = write_job(tmp_path, config)
     assert run_cli(job) == 0
+    assert str(extra) not in sys.path
     check_outputs(tmp_path, backend_name)
     # a rerun with a chunk of each store missing: the workers fill them from
     # the loaded fit
