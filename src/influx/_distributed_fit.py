@@ -33,6 +33,7 @@ relative in float64).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -286,14 +287,21 @@ class ModelHandle:
         self.model: TwiceDifferentiable | None = None
         self.payload: bytes | None = None
         if serialise:
-            self.payload = _pickle_module().dumps(model)
+            self._serialise(model)
         else:
             self.model = model
 
+    def _serialise(self, model: TwiceDifferentiable) -> None:
+        self.payload = _pickle_module().dumps(model)
+        # the same bytes (the same model, sent again by another fit) find the
+        # worker's copy, and the functions a framework compiled for it
+        self.token = hashlib.sha256(self.payload).hexdigest()
+
     def __getstate__(self) -> dict[str, Any]:
+        if self.payload is None:
+            assert self.model is not None
+            self._serialise(self.model)
         state = dict(self.__dict__)
-        if state["payload"] is None:
-            state["payload"] = _pickle_module().dumps(state["model"])
         state["model"] = None
         return state
 
@@ -306,7 +314,8 @@ def worker_model(handle: ModelHandle) -> TwiceDifferentiable:
     """The handle's model as this process calls it (guarded), one per process.
 
     Unpickled and guarded at the first task of a fit on each worker, then
-    reused by the fit's later tasks; a new fit's model replaces it.
+    reused by the fit's later tasks and by later fits of the same model (the
+    same bytes); another model replaces it.
     """
     from influx.attribution import _guard
 
