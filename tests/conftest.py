@@ -110,7 +110,7 @@ def local_cluster_options(workers: int) -> dict:
         "n_workers": workers,
         "threads_per_worker": 1,
         "processes": True,
-        "dashboard_address": None,
+        "dashboard_address": ":0",
         "silence_logs": 40,  # logging.ERROR
         "env": {"PYTHONPATH": os.pathsep.join(paths), "JAX_ENABLE_X64": "1"},
     }
