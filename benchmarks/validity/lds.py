@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _mlp
 
 #: Full and quick settings of :func:`study`.
-FULL = {"n_train": 400, "n_test": 200, "hidden": _mlp.HIDDEN, "subsets": 50}
+FULL = {"n_train": 400, "n_test": 50, "hidden": _mlp.HIDDEN, "subsets": 50}
 QUICK = {
     "n_train": 100,
     "n_test": 50,
@@ -214,7 +214,7 @@ def section(results: dict, figures: Path) -> str:
         + " |"
     )
     notes = [
-        f"- {row['backend']}, {_name(row)}: {text}"
+        f"- {row['backend']}, {_name(row)}: {text.split('. ')[0]}."
         for row in rows
         for text in row.get("warnings", [])
     ]

@@ -278,7 +278,7 @@ def section(results: dict, figures: Path) -> str:
         f"{_name(row)}: {row['options']}" for row in first if row["options"]
     )
     notes = [
-        f"- {row['backend']}, {_name(row)}: {text}"
+        f"- {row['backend']}, {_name(row)}: {text.split('. ')[0]}."
         for row in rows
         for text in row.get("warnings", [])
     ]
