@@ -363,35 +363,49 @@ def influences(
     curvature: str,
     options: dict[str, Any] | None = None,
     batch_size: int = 128,
+    *,
+    model: Any = None,
+    repeats: int = 1,
 ) -> tuple[np.ndarray, float, list[str]]:
     """``I_up`` ``[len(test), N]`` of the test points ``test`` (indices) on
-    every training point, the seconds of fit plus query (wall clock, first
-    call: JAX's compilation included), and the warnings raised (their text)."""
+    every training point, the seconds of fit plus query, and the warnings
+    raised (their text, first run).
+
+    ``model`` is the wrapped model of ``theta`` (default: wrapped afresh).
+    The fit and query run ``repeats`` times and the last run's wall-clock
+    seconds are reported: the first run includes one-off costs (JAX's
+    compilation, torch's first calls).
+    """
     import warnings
 
     import influx
 
-    model = wrap(backend, theta, problem.sizes)
+    if model is None:
+        model = wrap(backend, theta, problem.sizes)
     train = influx.batches(problem.x_train, problem.y_train, batch_size=batch_size)
     queried = influx.batches(
         problem.x_test[test], problem.y_test[test], batch_size=batch_size
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", influx.InfluxWarning)
-        start = time.perf_counter()
-        inf = influx.Influence(
-            model,
-            method,
-            problem.regularization,
-            curvature=curvature,
-            **(options or {}),
-        ).fit(train)
-        scores = inf.influences(queried)
-        if hasattr(scores, "detach"):
-            scores = scores.detach().cpu().numpy()
-        scores = np.asarray(scores, dtype=np.float64)
-        seconds = time.perf_counter() - start
-    return scores, seconds, [str(w.message) for w in caught]
+    messages: list[str] = []
+    for repeat in range(repeats):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", influx.InfluxWarning)
+            start = time.perf_counter()
+            inf = influx.Influence(
+                model,
+                method,
+                problem.regularization,
+                curvature=curvature,
+                **(options or {}),
+            ).fit(train)
+            scores = inf.influences(queried)
+            if hasattr(scores, "detach"):
+                scores = scores.detach().cpu().numpy()
+            scores = np.asarray(scores, dtype=np.float64)
+            seconds = time.perf_counter() - start
+        if repeat == 0:
+            messages = [str(w.message) for w in caught]
+    return scores, seconds, messages
 
 
 def gradient_similarity(

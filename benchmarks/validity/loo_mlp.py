@@ -37,6 +37,7 @@ FULL = {
     "n_random_test": 3,
     "top": 10,
     "n_random": 40,
+    "repeats": 2,
 }
 QUICK = {
     "n_train": 100,
@@ -68,6 +69,7 @@ def study(
     n_random: int,
     methods: tuple = _mlp.METHODS,
     seed: int = 0,
+    repeats: int = 1,
 ) -> dict:
     """Leave-one-out study; see the module docstring.
 
@@ -87,6 +89,9 @@ def study(
         ``(label, method, curvature, options)`` tuples.
     seed
         Data split and random choices.
+    repeats
+        Runs of each method's fit and query on one wrapped model per
+        backend; the last run's seconds are reported.
     """
     problem = _mlp.digits(n_train, n_test, seed=seed, hidden=hidden)
     sizes, n = problem.sizes, n_train
@@ -102,8 +107,17 @@ def study(
         ]
     )
 
-    _mlp.wrap(backends[0], theta, sizes)  # import the framework before timing
-    reference = _mlp.influences(backends[0], theta, problem, test, "direct", "hessian")
+    models = {backend: _mlp.wrap(backend, theta, sizes) for backend in backends}
+    reference = _mlp.influences(
+        backends[0],
+        theta,
+        problem,
+        test,
+        "direct",
+        "hessian",
+        model=models[backends[0]],
+        repeats=repeats,
+    )
     chosen: set[int] = set()
     for row in reference[0]:
         chosen |= {int(i) for i in np.argsort(-np.abs(row))[:top]}
@@ -127,7 +141,6 @@ def study(
 
     rows = []
     for backend in backends:
-        _mlp.wrap(backend, theta, sizes)
         for label, method, curvature, options in methods:
             if (backend, method, curvature, options) == (
                 backends[0],
@@ -138,7 +151,15 @@ def study(
                 scores, seconds, caught = reference
             else:
                 scores, seconds, caught = _mlp.influences(
-                    backend, theta, problem, test, method, curvature, options
+                    backend,
+                    theta,
+                    problem,
+                    test,
+                    method,
+                    curvature,
+                    options,
+                    model=models[backend],
+                    repeats=repeats,
                 )
             predicted = scores[:, points] / n  # [T, M]
             pearson = [
@@ -178,6 +199,7 @@ def study(
             "top": top,
             "n_random": n_random,
             "seed": seed,
+            "repeats": repeats,
         },
         "train": {
             "grad_norm": full.grad_norm,
@@ -308,7 +330,8 @@ def section(results: dict, figures: Path) -> str:
             "Predicted change of a test loss: `I_up / N`. Pearson and Spearman "
             "are computed per test point over the removed points, then averaged "
             "over the test points. Seconds: fit plus one `influences` query, "
-            "wall clock, first call (JAX compilation included)"
+            f"wall clock, the last of {s.get('repeats', 1)} runs on one wrapped "
+            "model per backend (the first run includes JAX's compilation)"
             + (f"; options: {options}." if options else "."),
             "",
             *table,
