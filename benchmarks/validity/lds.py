@@ -15,6 +15,8 @@ of the full model (TracIn at its last checkpoint, identity curvature).
 ``run(backends, quick)`` returns JSON-able results; ``section(results,
 figures)`` renders them as markdown and writes ``lds_mlp.png`` into
 ``figures``.
+
+Run alone: ``python benchmarks/validity/lds.py [--quick] [--backends torch]``.
 """
 
 from __future__ import annotations
@@ -249,3 +251,22 @@ def section(results: dict, figures: Path) -> str:
             "",
         ]
     )
+
+
+def main() -> None:
+    """``python benchmarks/validity/lds.py [--quick] [--backends torch,jax]``:
+    run the study and print each method's LDS."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--backends", default="torch,jax")
+    args = parser.parse_args()
+    results = run(args.backends.split(","), args.quick)
+    for row in results["methods"]:
+        print(f"{row['backend']:5} {_name(row):18} LDS {row['lds']:.3f}")
+    print(f"gradient similarity      LDS {results['baseline']['lds']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

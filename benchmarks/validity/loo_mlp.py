@@ -14,6 +14,8 @@ changes serves every backend.
 ``run(backends, quick)`` returns JSON-able results; ``section(results,
 figures)`` renders them as markdown and writes ``loo_mlp.png`` and
 ``accuracy_time.png`` into ``figures``.
+
+Run alone: ``python benchmarks/validity/loo_mlp.py [--quick] [--backends torch]``.
 """
 
 from __future__ import annotations
@@ -344,3 +346,24 @@ def section(results: dict, figures: Path) -> str:
             "",
         ]
     )
+
+
+def main() -> None:
+    """``python benchmarks/validity/loo_mlp.py [--quick] [--backends torch,jax]``:
+    run the study and print each method's correlations."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--backends", default="torch,jax")
+    args = parser.parse_args()
+    results = run(args.backends.split(","), args.quick)
+    for row in results["methods"]:
+        print(
+            f"{row['backend']:5} {_name(row):18} pearson {row['pearson']:.3f} "
+            f"spearman {row['spearman']:.3f} {row['seconds']:.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
