@@ -417,36 +417,3 @@ def gradient_similarity(
     g_test = sample_gradients(theta, sizes, problem.x_test[test], problem.y_test[test])
     g_train = sample_gradients(theta, sizes, problem.x_train, problem.y_train)
     return g_test @ g_train.T
-
-
-# -- correlations (influx.metrics after the merge) -------------------------------
-
-
-def _pearson(predicted: np.ndarray, actual: np.ndarray) -> float:
-    from scipy.stats import pearsonr
-
-    return float(pearsonr(np.ravel(predicted), np.ravel(actual))[0])
-
-
-def _spearman(predicted: np.ndarray, actual: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(np.ravel(predicted), np.ravel(actual))[0])
-
-
-def _lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> float:
-    """Linear datamodeling score of ``scores [N_test, N]`` (``I_up``).
-
-    ``masks [S, N]`` (bool) are the subsets retrained on, ``outputs [S,
-    N_test]`` the test losses of those models. ``I_up > 0`` predicts a lower
-    loss, so the predicted loss of subset ``s`` ranks as ``-masks[s] @
-    scores[t]``; the score is the mean over ``t`` of the Spearman correlation
-    across subsets of that prediction with ``outputs[:, t]``.
-    """
-    from scipy.stats import spearmanr
-
-    predicted = -(np.asarray(masks, dtype=np.float64) @ scores.T)  # [S, N_test]
-    values = [
-        spearmanr(predicted[:, t], outputs[:, t])[0] for t in range(scores.shape[0])
-    ]
-    return float(np.mean(values))

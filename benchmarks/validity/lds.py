@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from influx.metrics import linear_datamodeling_score
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _mlp
@@ -116,7 +118,9 @@ def study(
                     "options": dict(options),
                     "seconds": seconds,
                     "warnings": caught,
-                    "lds": _mlp._lds(scores, masks, outputs_array),
+                    "lds": linear_datamodeling_score(
+                        scores, masks, outputs_array
+                    ).score,
                 }
             )
     similarity = _mlp.gradient_similarity(theta, problem, test)
@@ -147,7 +151,7 @@ def study(
         },
         "baseline": {
             "label": "gradient similarity",
-            "lds": _mlp._lds(similarity, masks, outputs_array),
+            "lds": linear_datamodeling_score(similarity, masks, outputs_array).score,
         },
         "methods": rows,
     }

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from influx.metrics import loo_correlation
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _mlp
@@ -164,14 +166,9 @@ def study(
                     repeats=repeats,
                 )
             predicted = scores[:, points] / n  # [T, M]
-            pearson = [
-                _mlp._pearson(p, a)
-                for p, a in zip(predicted, actual_array, strict=True)
-            ]
-            spearman = [
-                _mlp._spearman(p, a)
-                for p, a in zip(predicted, actual_array, strict=True)
-            ]
+            correlation = loo_correlation(predicted, actual_array)
+            pearson = correlation.pearson_per_test.tolist()
+            spearman = correlation.spearman_per_test.tolist()
             rows.append(
                 {
                     "backend": backend,
@@ -236,8 +233,9 @@ def section(results: dict, figures: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    import influx.plot
     import matplotlib.pyplot as plt
+
+    import influx.plot
 
     figures = Path(figures)
     figures.mkdir(parents=True, exist_ok=True)
@@ -296,7 +294,9 @@ def section(results: dict, figures: Path) -> str:
             match = [r for r in rows if r["backend"] == backend and _name(r) == name]
             if match:
                 m = match[0]
-                pooled = _mlp._pearson(m["predicted"], actual)
+                pooled = loo_correlation(
+                    np.ravel(m["predicted"]), np.ravel(actual)
+                ).pearson
                 cells.append(
                     f"{m['pearson']:.3f} | {m['spearman']:.3f} | {pooled:.3f} | "
                     f"{m['seconds']:.2f}"
