@@ -202,3 +202,21 @@ def test_client_needs_a_source() -> None:
         influx.Influence(model, "direct", REG).fit(list(train), client=LocalExecutor())
     with pytest.raises(TypeError, match=r"dask\.distributed\.Client"):
         influx.Influence(model, "direct", REG).fit(train, client="tcp://nowhere:8786")
+
+
+def test_block_sums_each_partition_once(backend_name: str, dask_client: Any) -> None:
+    from distributed import get_task_stream
+
+    x, y = training_arrays()
+    # 602 parameters: blocks of 400 and 202 over three chunks of columns
+    model = wrap_mlp(backend_name, mlp_weights((3, 100, 2), seed=2), "cross_entropy")
+    train = influx.ArraySource(x, y, batch_size=BATCH, partition_size=PARTITION)
+    here = influx.Influence(model, "block", REG).fit(train)
+    with get_task_stream(dask_client) as stream:
+        there = influx.Influence(model, "block", REG).fit(train, client=dask_client)
+    keys = [task["key"] for task in stream.data]
+    assert sum(key.startswith("_block_task") for key in keys) == train.num_partitions
+    assert not any(key.startswith("_product_task") for key in keys)
+    assert there._fitted.operator.base.num_passes == 1
+    for actual, expected in zip(_state_arrays(there), _state_arrays(here), strict=True):
+        _close(actual, expected)
