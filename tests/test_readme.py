@@ -59,3 +59,39 @@ def test_readme_quickstart_runs(
     assert margins.shape == (20, 300) and not np.allclose(margins, scores)
     again = namespace["again"].influences(test, train)
     np.testing.assert_allclose(np.asarray(again), scores, rtol=1e-5, atol=1e-7)
+
+
+def _scale_out_block() -> str:
+    text = README.read_text()
+    section = text.split("## Scale out: dask, resumable results, `influx run`", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert match, "the scale-out section has no python block"
+    return match.group(1)
+
+
+def test_readme_scale_out_runs(
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The distributed run of the README, on its 2-worker LocalCluster (torch)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("distributed")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(_scale_out_block(), "README.md (scale out)", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "(20, 2000)" in printed and "[]" in printed
+    # The store equals the same Influence queried in this process, without dask.
+    influx, inf = namespace["influx"], namespace["inf"]
+    train, test = namespace["train"], namespace["test"]
+    expected = np.asarray(inf.influences(test, train), dtype=np.float64)
+    stored = influx.open_results("scores.zarr")
+    np.testing.assert_allclose(stored.scores[...], expected, rtol=1e-10, atol=1e-12)
+    diagonal = np.asarray(inf.self_influence(train), dtype=np.float64)
+    np.testing.assert_allclose(
+        influx.open_results("self.zarr").scores[...], diagonal, rtol=1e-10, atol=1e-12
+    )
+    order = np.argsort(-expected, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(np.asarray(namespace["indices"]), order)
