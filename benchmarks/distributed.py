@@ -1,0 +1,412 @@
+"""Distributed scoring: 1 against 2 dask workers, and the single-process baseline.
+
+Scores ``N`` training points (default 100,000) against ``N_test`` test points
+(default 100) with an MLP of about 43k parameters (``32 -> 256 -> 128 -> 10``,
+tanh, cross-entropy), the training data in memory-mapped ``.npy`` files read
+by the workers themselves (:class:`influx.ArraySource`). For each worker count
+``W`` it starts ``LocalCluster(n_workers=W, threads_per_worker=1)``, pins every
+worker to one thread (torch, BLAS, XLA), warms the workers up (imports, one
+small task), then times separately:
+
+- ``fit``: ``Influence(model, method, lam).fit(train, client=client)``;
+- ``factors``: ``inf.factors(test)`` (on the client, serial);
+- ``scoring``: ``inf.influences(test, train, out=<zarr>, client=client)``
+  minus its factors (the call computes them again), i.e. the broadcast of the
+  factors, the partition tasks and their writes.
+
+The baseline is the same work in this process (one thread) on the in-memory
+arrays, with no client; the distributed scores are compared with it (max abs
+difference). Results go to ``benchmarks/results/distributed/<stamp>.json``
+and a table is printed.
+
+Run it on a quiet machine, lowered in priority::
+
+    nice -n 10 python benchmarks/distributed.py                # full size
+    nice -n 10 python benchmarks/distributed.py --repeats 3
+    python benchmarks/distributed.py --n-train 5000 --repeats 1  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "distributed"
+CACHE = ROOT / "benchmarks" / ".cache" / "distributed"
+
+#: One thread per process: the worker count is then the core count used.
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}
+
+
+def pin_threads() -> int:
+    """One thread for torch (and BLAS through the environment) here; the pid."""
+    for key, value in THREAD_ENV.items():
+        os.environ.setdefault(key, value)
+    if "torch" in sys.modules or _importable("torch"):
+        import torch
+
+        torch.set_num_threads(1)
+        if torch.get_num_interop_threads() != 1:
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError:  # already used: it stays as it is
+                pass
+    return os.getpid()
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def layer_sizes(dim: int, hidden: list[int], classes: int) -> list[int]:
+    return [dim, *hidden, classes]
+
+
+def make_weights(sizes: list[int], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((o, i)) / np.sqrt(i), 0.1 * rng.standard_normal(o))
+        for i, o in itertools.pairwise(sizes)
+    ]
+
+
+def make_model(backend: str, weights: list[Any], dtype: str) -> Any:
+    """The tanh MLP of ``weights`` with cross-entropy, wrapped for ``backend``."""
+    import influx
+
+    if backend == "torch":
+        import torch
+
+        layers: list[Any] = []
+        for index, (w, b) in enumerate(weights):
+            linear = torch.nn.Linear(
+                w.shape[1], w.shape[0], dtype=getattr(torch, dtype)
+            )
+            with torch.no_grad():
+                linear.weight.copy_(torch.as_tensor(w))
+                linear.bias.copy_(torch.as_tensor(b))
+            layers.append(linear)
+            if index < len(weights) - 1:
+                layers.append(torch.nn.Tanh())
+        return influx.twice_differentiable(
+            torch.nn.Sequential(*layers), torch.nn.CrossEntropyLoss()
+        )
+    import jax
+    import jax.numpy as jnp
+
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    params = [
+        {"w": jnp.asarray(w, dtype=dtype), "b": jnp.asarray(b, dtype=dtype)}
+        for w, b in weights
+    ]
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        h = x
+        for index, layer in enumerate(p):
+            h = h @ layer["w"].T + layer["b"]
+            if index < len(p) - 1:
+                h = jnp.tanh(h)
+        return h
+
+    def loss(logits: Any, y: Any) -> Any:
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+    return influx.twice_differentiable(apply_fn, loss, params=params)
+
+
+def make_data(
+    n_train: int, n_test: int, dim: int, classes: int, dtype: str, seed: int
+) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """Training ``.npy`` files (made once, cached) and the test arrays.
+
+    Labels come from a fixed random linear teacher, so the problem has
+    structure; the model is not trained (timing does not depend on it).
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tag = f"{n_train}x{dim}_{classes}_{dtype}_{seed}"
+    x_path, y_path = CACHE / f"x_{tag}.npy", CACHE / f"y_{tag}.npy"
+    rng = np.random.default_rng(seed)
+    teacher = rng.standard_normal((dim, classes))
+    if not (x_path.exists() and y_path.exists()):
+        x = np.lib.format.open_memmap(
+            x_path, mode="w+", dtype=dtype, shape=(n_train, dim)
+        )
+        y = np.lib.format.open_memmap(
+            y_path, mode="w+", dtype=np.int64, shape=(n_train,)
+        )
+        step = 10_000
+        for start in range(0, n_train, step):
+            stop = min(start + step, n_train)
+            block = rng.standard_normal((stop - start, dim))
+            x[start:stop] = block
+            y[start:stop] = np.argmax(block @ teacher, axis=1)
+        x.flush()
+        y.flush()
+        del x, y
+    test_rng = np.random.default_rng(seed + 1)
+    x_test = test_rng.standard_normal((n_test, dim)).astype(dtype)
+    y_test = np.argmax(x_test @ teacher, axis=1).astype(np.int64)
+    return x_path, y_path, x_test, y_test
+
+
+def _timed(call: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = call()
+    return value, time.perf_counter() - start
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array[...] if hasattr(array, "chunks") else array)
+
+
+def run_baseline(args: argparse.Namespace, paths: Any) -> tuple[dict, np.ndarray]:
+    """Fit, factors and scoring in this process, in memory, one thread."""
+    import influx
+
+    pin_threads()
+    x_path, y_path, x_test, y_test = paths
+    x, y = np.load(x_path), np.load(y_path)  # into memory
+    train = influx.batches(x, y, batch_size=args.batch_size)
+    test = influx.batches(x_test, y_test, batch_size=args.n_test)
+    model = make_model(args.backend, args.weights, args.dtype)
+    inf = influx.Influence(model, args.method, args.lam, **args.options)
+    _, fit_s = _timed(lambda: inf.fit(train))
+    _, factors_s = _timed(lambda: inf.factors(test))
+    scores, total_s = _timed(lambda: inf.influences(test, train))
+    scores = _to_numpy(scores)
+    times = {
+        "fit_s": fit_s,
+        "factors_s": factors_s,
+        "influences_s": total_s,
+        "scoring_s": total_s - factors_s,
+    }
+    return times, scores
+
+
+def _worker_setup(backend: str, dtype: str) -> int:
+    """Run on every worker: one thread, the framework imported, x64 if asked."""
+    for key, value in THREAD_ENV.items():
+        os.environ.setdefault(key, value)
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+    else:
+        import jax
+
+        if dtype == "float64":
+            jax.config.update("jax_enable_x64", True)
+    import influx  # noqa: F401
+
+    return os.getpid()
+
+
+def run_distributed(
+    args: argparse.Namespace, paths: Any, workers: int, store: Path
+) -> tuple[dict, np.ndarray]:
+    """Fit, factors and scoring with ``workers`` worker processes."""
+    from distributed import Client, LocalCluster
+
+    import influx
+
+    pin_threads()
+    x_path, y_path, x_test, y_test = paths
+    env = dict(THREAD_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT / "backends"), os.environ.get("PYTHONPATH", "")]
+    )
+    if args.dtype == "float64":
+        env["JAX_ENABLE_X64"] = "1"
+    cluster_options = {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": 40,
+        "env": env,
+    }
+    with LocalCluster(**cluster_options) as cluster, Client(cluster) as client:
+        client.wait_for_workers(workers)
+        client.run(_worker_setup, args.backend, args.dtype)
+        train = influx.ArraySource(
+            str(x_path),
+            str(y_path),
+            batch_size=args.batch_size,
+            partition_size=args.partition_size,
+        )
+        test = influx.batches(x_test, y_test, batch_size=args.n_test)
+        model = make_model(args.backend, args.weights, args.dtype)
+        inf = influx.Influence(model, args.method, args.lam, **args.options)
+        _, fit_s = _timed(lambda: inf.fit(train, client=client))
+        _, factors_s = _timed(lambda: inf.factors(test))
+        if store.exists():
+            shutil.rmtree(store)
+        scores, total_s = _timed(
+            lambda: inf.influences(test, train, out=str(store), client=client)
+        )
+        scores = _to_numpy(scores)
+    times = {
+        "fit_s": fit_s,
+        "factors_s": factors_s,
+        "influences_s": total_s,
+        "scoring_s": total_s - factors_s,
+        "partitions": train.num_partitions,
+    }
+    return times, scores
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return float(statistics.median(run[key] for run in runs))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["torch", "jax"], default="torch")
+    parser.add_argument("--n-train", type=int, default=100_000)
+    parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--hidden", default="256,128")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--method", default="ekfac")
+    parser.add_argument("--lam", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--partition-size", type=int, default=4096)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.options = {}
+    sizes = layer_sizes(
+        args.dim, [int(h) for h in args.hidden.split(",")], args.classes
+    )
+    args.weights = make_weights(sizes, args.seed)
+    num_params = sum(w.size + b.size for w, b in args.weights)
+    paths = make_data(
+        args.n_train, args.n_test, args.dim, args.classes, args.dtype, args.seed
+    )
+    worker_counts = [int(w) for w in args.workers.split(",")]
+
+    print(
+        f"{args.backend} {args.method} MLP {sizes} P={num_params:,} "
+        f"N={args.n_train:,} N_test={args.n_test} {args.dtype} "
+        f"batch {args.batch_size} partition {args.partition_size}",
+        flush=True,
+    )
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {
+        "config": {
+            "backend": args.backend,
+            "method": args.method,
+            "hessian_regularization": args.lam,
+            "layer_sizes": sizes,
+            "num_params": num_params,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "partition_size": args.partition_size,
+            "repeats": args.repeats,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+        },
+        "baseline": [],
+        "workers": {},
+    }
+    reference = None
+    if not args.no_baseline:
+        for _ in range(args.repeats):
+            times, scores = run_baseline(args, paths)
+            result["baseline"].append(times)
+            reference = scores
+            print("baseline (1 process, in memory):", _fmt(times), flush=True)
+    with tempfile.TemporaryDirectory(prefix="influx-bench-") as tmp:
+        for workers in worker_counts:
+            runs = []
+            for _ in range(args.repeats):
+                times, scores = run_distributed(
+                    args, paths, workers, Path(tmp) / "scores.zarr"
+                )
+                if reference is not None:
+                    times["max_abs_diff"] = float(np.max(np.abs(scores - reference)))
+                    times["max_abs"] = float(np.max(np.abs(reference)))
+                runs.append(times)
+                print(f"{workers} worker(s):", _fmt(times), flush=True)
+            result["workers"][str(workers)] = runs
+    result["machine"]["loadavg_after"] = os.getloadavg()
+    summary = _summary(result, worker_counts)
+    result["summary"] = summary
+    print(json.dumps(summary, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    path = RESULTS / f"{stamp}_{args.backend}_{args.n_train}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return result
+
+
+def _summary(result: dict, worker_counts: list[int]) -> dict:
+    summary: dict[str, Any] = {}
+    keys = ("fit_s", "factors_s", "scoring_s", "influences_s")
+    if result["baseline"]:
+        summary["baseline"] = {k: _median(result["baseline"], k) for k in keys}
+    for workers in worker_counts:
+        runs = result["workers"][str(workers)]
+        summary[str(workers)] = {k: _median(runs, k) for k in keys}
+        if "max_abs_diff" in runs[0]:
+            summary[str(workers)]["max_abs_diff"] = max(r["max_abs_diff"] for r in runs)
+    if "1" in summary and "2" in summary:
+        summary["speedup_2_vs_1"] = {
+            "scoring": summary["1"]["scoring_s"] / summary["2"]["scoring_s"],
+            "fit": summary["1"]["fit_s"] / summary["2"]["fit_s"],
+            "fit_plus_scoring": (summary["1"]["fit_s"] + summary["1"]["scoring_s"])
+            / (summary["2"]["fit_s"] + summary["2"]["scoring_s"]),
+        }
+    return summary
+
+
+def _fmt(times: dict) -> str:
+    parts = [
+        f"{key[:-2]} {value:.2f} s"
+        for key, value in times.items()
+        if key.endswith("_s") and isinstance(value, float)
+    ]
+    if "max_abs_diff" in times:
+        parts.append(f"max |diff| {times['max_abs_diff']:.1e}")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT / "backends")]
+    for key, value in THREAD_ENV.items():
+        os.environ.setdefault(key, value)
+    main()
