@@ -225,6 +225,56 @@ def _worker_setup(backend: str, dtype: str) -> int:
     return os.getpid()
 
 
+def _noop(value: Any = None) -> None:
+    return None
+
+
+def _nbytes(value: Any) -> int:
+    return int(value.nbytes)
+
+
+def calibrate(client: Any, workers: int, state_mib: float = 8.0) -> dict:
+    """Dask's overheads on this cluster, the constants of the cost model.
+
+    ``task_s``: wall time per no-op task when ``200 * workers`` are submitted
+    at once (scheduling, the round trip; a worker runs them one after the
+    other); ``broadcast_s_per_mib``: sending one array to every worker
+    (``scatter(broadcast=True)``), per MiB; ``reduce_add_s_per_mib``: one
+    level of a tree sum of arrays of ``state_mib`` (a transfer and an add on a
+    worker), per MiB.
+    """
+    from distributed import wait
+
+    from influx._executor import tree_add
+
+    count = 200 * workers
+    client.gather(client.map(_noop, range(workers * 4), pure=False))  # warm
+    start = time.perf_counter()
+    wait(client.map(_noop, range(count), pure=False))
+    task_s = (time.perf_counter() - start) * workers / count
+    array = np.ones(int(state_mib * 2**20 / 8))
+    broadcasts, reductions = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        scattered = client.scatter(array, broadcast=True, hash=False)
+        client.submit(_nbytes, scattered, pure=False).result()
+        broadcasts.append(time.perf_counter() - start)
+        # two leaves (on two workers when there are two), added on a worker
+        leaves = [client.submit(np.ones, array.shape, pure=False) for _ in range(2)]
+        wait(leaves)
+        start = time.perf_counter()
+        client.submit(tree_add, leaves[0], leaves[1], pure=False).result()
+        reductions.append(time.perf_counter() - start)
+        del scattered, leaves
+    broadcast_s = statistics.median(broadcasts)
+    reduce_s = statistics.median(reductions)
+    return {
+        "task_s": task_s,
+        "broadcast_s_per_mib": broadcast_s / state_mib,
+        "reduce_add_s_per_mib": reduce_s / state_mib,
+    }
+
+
 def run_distributed(
     args: argparse.Namespace, paths: Any, workers: int, store: Path
 ) -> tuple[dict, np.ndarray]:
@@ -252,6 +302,7 @@ def run_distributed(
     with LocalCluster(**cluster_options) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
         client.run(_worker_setup, args.backend, args.dtype)
+        overheads = calibrate(client, workers)
         train = influx.ArraySource(
             str(x_path),
             str(y_path),
@@ -275,6 +326,7 @@ def run_distributed(
         "influences_s": total_s,
         "scoring_s": total_s - factors_s,
         "partitions": train.num_partitions,
+        "overheads": overheads,
     }
     return times, scores
 
