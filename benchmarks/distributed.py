@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -233,7 +234,30 @@ def _nbytes(value: Any) -> int:
     return int(value.nbytes)
 
 
-def calibrate(client: Any, workers: int, state_mib: float = 8.0) -> dict:
+def _time_write(block: tuple[int, int], repeats: int = 5) -> float:
+    """Median seconds to write ``block`` into a zarr array, then a done entry."""
+    import zarr
+
+    with tempfile.TemporaryDirectory() as tmp:
+        group = zarr.open_group(str(Path(tmp) / "t.zarr"), mode="w")
+        rows, width = block
+        scores = group.create_array(
+            "scores", shape=(rows, width * repeats), chunks=(rows, width), dtype="f8"
+        )
+        done = group.create_array("done", shape=(repeats,), chunks=(1,), dtype="i4")
+        values = np.random.default_rng(0).standard_normal(block)
+        times = []
+        for index in range(repeats):
+            start = time.perf_counter()
+            scores[:, index * width : (index + 1) * width] = values
+            done[index] = 1
+            times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
+
+
+def calibrate(
+    client: Any, workers: int, block: tuple[int, int] = (100, 4096), state_mib=8.0
+) -> dict:
     """Dask's overheads on this cluster, the constants of the cost model.
 
     ``task_s``: wall time per no-op task when ``200 * workers`` are submitted
@@ -241,7 +265,8 @@ def calibrate(client: Any, workers: int, state_mib: float = 8.0) -> dict:
     other); ``broadcast_s_per_mib``: sending one array to every worker
     (``scatter(broadcast=True)``), per MiB; ``reduce_add_s_per_mib``: one
     level of a tree sum of arrays of ``state_mib`` (a transfer and an add on a
-    worker), per MiB.
+    worker), per MiB; ``write_s``: writing one ``block`` of float64 scores
+    and a done marker into a local zarr store (on a worker).
     """
     from distributed import wait
 
@@ -268,8 +293,10 @@ def calibrate(client: Any, workers: int, state_mib: float = 8.0) -> dict:
         del scattered, leaves
     broadcast_s = statistics.median(broadcasts)
     reduce_s = statistics.median(reductions)
+    write_s = client.submit(_time_write, block, pure=False).result()
     return {
         "task_s": task_s,
+        "write_s": write_s,
         "broadcast_s_per_mib": broadcast_s / state_mib,
         "reduce_add_s_per_mib": reduce_s / state_mib,
     }
@@ -302,7 +329,7 @@ def run_distributed(
     with LocalCluster(**cluster_options) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
         client.run(_worker_setup, args.backend, args.dtype)
-        overheads = calibrate(client, workers)
+        overheads = calibrate(client, workers, (args.n_test, args.partition_size))
         train = influx.ArraySource(
             str(x_path),
             str(y_path),
@@ -331,6 +358,193 @@ def run_distributed(
     return times, scores
 
 
+# -- the cost model (docs/scaling.md) ------------------------------------------
+
+
+def makespan(sizes: list[int], workers: int) -> int:
+    """Points of the busiest worker when free workers take partitions in order."""
+    loads = [0] * workers
+    for size in sizes:
+        loads[loads.index(min(loads))] += size
+    return max(loads)
+
+
+def kfac_state_bytes(sizes: list[int], method: str, itemsize: int = 8) -> int:
+    """Bytes of K-FAC's summed factors (and EK-FAC's corrections) of an MLP."""
+    total = 0
+    for d_in, d_out in itertools.pairwise(sizes):
+        total += (d_in + 1) ** 2 + d_out**2
+        if method == "ekfac":
+            total += d_out * (d_in + 1)
+    return total * itemsize
+
+
+def eigh_seconds(sizes: list[int]) -> float:
+    """Time of the client's eigendecompositions of the layer factors (K-FAC)."""
+    start = time.perf_counter()
+    for d_in, d_out in itertools.pairwise(sizes):
+        for d in (d_in + 1, d_out):
+            a = np.random.default_rng(0).standard_normal((d, d))
+            np.linalg.eigh(a @ a.T)
+    return time.perf_counter() - start
+
+
+def model_constants(result: dict) -> dict:
+    """The cost model's constants from a benchmark result (see docs/scaling.md).
+
+    Per-point costs from the single-process baseline, the client's serial fit
+    step from timing the eigendecompositions, dask's overheads from the
+    2-worker (else 1-worker) calibration.
+    """
+    config, summary = result["config"], result["summary"]
+    base = summary["baseline"]
+    n, sizes, method = config["n_train"], config["layer_sizes"], config["method"]
+    fit_client = result.get("fit_client_s", 0.0)
+    calibrations = result["workers"].get("2") or result["workers"]["1"]
+    overheads = {
+        key: statistics.median(run["overheads"][key] for run in calibrations)
+        for key in calibrations[0]["overheads"]
+    }
+    itemsize = 8 if config["dtype"] == "float64" else 4
+    return {
+        "n_train": n,
+        "n_test": config["n_test"],
+        "partition_size": config["partition_size"],
+        "num_params": config["num_params"],
+        "c_fit": (base["fit_s"] - fit_client) / n,
+        "fit_client_s": fit_client,
+        "c_score": base["scoring_s"] / n,
+        "factors_s": base["factors_s"],
+        "passes": 2 if method == "ekfac" else 1,
+        "state_bytes": kfac_state_bytes(sizes, method, itemsize),
+        "factor_bytes": config["n_test"] * config["num_params"] * itemsize,
+        **overheads,
+    }
+
+
+def predict(constants: dict, workers: int) -> dict:
+    """Predicted fit, factors and scoring seconds on ``workers`` workers."""
+    n, m = constants["n_train"], constants["partition_size"]
+    sizes = [min(m, n - start) for start in range(0, n, m)]
+    load = makespan(sizes, workers)
+    levels = math.ceil(math.log2(workers)) if workers > 1 else 0
+    mib = 2.0**20
+    per_task = len(sizes) / workers * constants["task_s"]
+    state = constants["state_bytes"] / mib
+    fit = (
+        constants["fit_client_s"]
+        + constants["c_fit"] * load
+        + constants["passes"] * per_task
+        + constants["passes"]
+        * (
+            levels * (constants["task_s"] + state * constants["reduce_add_s_per_mib"])
+            + state * constants["broadcast_s_per_mib"] * (1 + levels)
+        )
+    )
+    factors_bcast = (
+        constants["factor_bytes"]
+        / mib
+        * constants["broadcast_s_per_mib"]
+        * (1 + levels)
+    )
+    scoring = (
+        factors_bcast
+        + constants["c_score"] * load
+        + len(sizes) / workers * (constants["task_s"] + constants["write_s"])
+    )
+    return {
+        "fit_s": fit,
+        "factors_s": constants["factors_s"],
+        "scoring_s": scoring,
+        "busiest_points": load,
+    }
+
+
+def scaled(constants: dict, **changes: Any) -> dict:
+    """The constants of another problem: ``num_params``, ``n_train`` and the
+    others given; per-point costs scale with the parameters, the factors'
+    bytes with ``n_test * num_params``."""
+    new = dict(constants)
+    ratio = changes.get("num_params", new["num_params"]) / new["num_params"]
+    new["c_fit"] *= ratio
+    new["c_score"] *= ratio
+    new["factors_s"] *= ratio
+    new["factor_bytes"] *= ratio
+    new.update(changes)
+    return new
+
+
+def prediction_table(
+    result: dict,
+    workers: tuple[int, ...] = (1, 2, 8, 64),
+    constants_override: dict | None = None,
+) -> str:
+    """Markdown: measured / model seconds per stage, and the extrapolation."""
+    constants = constants_override or model_constants(result)
+    summary = result["summary"]
+    lines = [
+        "| W | fit s | factors s | scoring s | total s | speed-up |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    keys = ("fit_s", "factors_s", "scoring_s")
+
+    def total(times: dict) -> float:
+        return sum(times[key] for key in keys)
+
+    one = total(predict(constants, 1))
+    for count in workers:
+        model = predict(constants, count)
+        cells = [f"{model[key]:.1f}" for key in keys]
+        cells += [f"{total(model):.1f}", f"{one / total(model):.2f}"]
+        measured = summary.get(str(count))
+        if measured:
+            seen = [f"{measured[key]:.1f}" for key in keys]
+            seen += [
+                f"{total(measured):.1f}",
+                f"{total(summary['1']) / total(measured):.2f}",
+            ]
+            cells = [f"{a} / {b}" for a, b in zip(seen, cells, strict=True)]
+        lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: The bigger problem the model extrapolates to: an MLP 784-1024-1024-10
+#: (1.86M parameters) on 1M training points, 100 test points.
+BIG_SIZES = [784, 1024, 1024, 10]
+
+
+def report(result: dict) -> str:
+    """The constants, the measured-against-model table and the extrapolation."""
+    constants = model_constants(result)
+    config = result["config"]
+    big_params = sum((i + 1) * o for i, o in itertools.pairwise(BIG_SIZES))
+    big = scaled(
+        constants,
+        num_params=big_params,
+        n_train=1_000_000,
+        partition_size=4096,
+        state_bytes=kfac_state_bytes(BIG_SIZES, config["method"]),
+        fit_client_s=constants["fit_client_s"] * 60,
+    )
+    small_partitions = dict(constants, partition_size=512)
+    shown = {
+        key: f"{value:.3g}" if isinstance(value, float) else value
+        for key, value in constants.items()
+    }
+    return "\n\n".join(
+        [
+            "constants: " + json.dumps(shown),
+            prediction_table(result),
+            "partition_size 512:\n"
+            + prediction_table(
+                {**result, "summary": {}}, constants_override=small_partitions
+            ),
+            f"MLP {BIG_SIZES} ({big_params:,} parameters), N = 1,000,000:\n"
+            + prediction_table({**result, "summary": {}}, constants_override=big),
+        ]
+    )
+
+
 def _median(runs: list[dict], key: str) -> float:
     return float(statistics.median(run[key] for run in runs))
 
@@ -352,7 +566,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--predict",
+        metavar="RESULT_JSON",
+        help="print the cost model's table for a saved result and exit",
+    )
     args = parser.parse_args(argv)
+    if args.predict:
+        result = json.loads(Path(args.predict).read_text())
+        print(report(result))
+        return result
     args.options = {}
     sizes = layer_sizes(
         args.dim, [int(h) for h in args.hidden.split(",")], args.classes
@@ -415,6 +638,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{workers} worker(s):", _fmt(times), flush=True)
             result["workers"][str(workers)] = runs
     result["machine"]["loadavg_after"] = os.getloadavg()
+    if args.method in ("kfac", "ekfac"):
+        result["fit_client_s"] = eigh_seconds(sizes)
     summary = _summary(result, worker_counts)
     result["summary"] = summary
     print(json.dumps(summary, indent=2))
@@ -423,6 +648,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = RESULTS / f"{stamp}_{args.backend}_{args.n_train}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+    if result["baseline"] and "1" in result["workers"]:
+        print(report(result))
     return result
 
 
