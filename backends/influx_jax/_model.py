@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -120,10 +121,15 @@ class JaxTwiceDifferentiable:
                 f"{sorted(map(str, dtypes))}. Cast them, e.g. with "
                 "jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)."
             )
-        theta, unravel = ravel_pytree(params)
         self._apply_fn = apply_fn
         self._loss = loss
         self._params = params
+        self._example: Any = None
+        self._build()
+
+    def _build(self) -> None:
+        """Flat parameters, compiled functions and caches (rebuilt on unpickling)."""
+        theta, unravel = ravel_pytree(self._params)
         self._theta = theta
         self._unravel = unravel
 
@@ -132,12 +138,34 @@ class JaxTwiceDifferentiable:
         )
         # Layer structure (found by tracing on a batch of one, see ``layers``):
         # one LayerStructure per input structure, the first batch's first.
-        self._example: Any = None
         self._structures: dict[Any, LayerStructure] = {}
         self._structures_lock = threading.Lock()
         # The user's own batch loss, unpadded: what the loss-convention check
         # compares with the per-sample losses (compiled for the checked batch).
         self._value_and_grad = jax.jit(jax.value_and_grad(self._batch_loss))
+
+    # -- pickling (dask sends the wrapper to its workers) ----------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the model's definition, never its compiled functions or caches.
+
+        Kept: the apply function, the loss, the parameter pytree and the first
+        point seen (for the layer tracing); the rest is rebuilt on unpickling
+        (and compiled again on first use). The dtype travels first, so that a
+        64-bit model unpickled in a process without ``jax_enable_x64`` switches
+        it on *before* its arrays are rebuilt (see :func:`_unpickled`).
+        """
+        state = {
+            "_apply_fn": self._apply_fn,
+            "_loss": self._loss,
+            "_params": self._params,
+            "_example": self._example,
+        }
+        return (_unpickled, (type(self), str(self.dtype)), state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._build()
 
     @property
     def backend(self) -> Any:
@@ -346,3 +374,31 @@ class JaxTwiceDifferentiable:
             f"JaxTwiceDifferentiable({name}, num_params={self.num_params}, "
             f"dtype={self.dtype})"
         )
+
+
+def _unpickled(cls: type, dtype: str) -> Any:
+    """An empty wrapper to unpickle into; 64-bit models switch ``jax_enable_x64`` on.
+
+    JAX without ``jax_enable_x64`` would silently rebuild float64 parameters
+    as float32 and compute every influence in single precision. A process
+    that receives a float64 model (a dask worker started without
+    ``JAX_ENABLE_X64=1``) therefore gets 64-bit mode switched on, with a
+    :class:`RuntimeWarning`, before any of the model's arrays is rebuilt. The
+    switch is process-wide: set ``JAX_ENABLE_X64=1`` in the workers'
+    environment to have it from the start.
+    """
+    if dtype in _WIDE_DTYPES and not jax.config.read("jax_enable_x64"):
+        warnings.warn(
+            f"Unpickling a JAX model of dtype {dtype}: this process had "
+            "jax_enable_x64 off, which would turn its parameters into 32-bit "
+            "ones, so influx switched it on (process-wide). Set JAX_ENABLE_X64=1 "
+            "in this process's environment (a dask worker's env) to start with it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        jax.config.update("jax_enable_x64", True)
+    return cls.__new__(cls)
+
+
+#: Dtypes that need ``jax_enable_x64``.
+_WIDE_DTYPES = frozenset({"float64", "complex128", "int64", "uint64"})

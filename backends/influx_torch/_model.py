@@ -132,6 +132,16 @@ class TorchTwiceDifferentiable:
         )
         self._layer_structure: LayerStructure | None = None  # found on first use
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the module, loss and parameters; the layer structure is found again.
+
+        (dask sends the wrapper to its workers; the per-module lock is a
+        process-wide table, never part of the wrapper.)
+        """
+        state = dict(self.__dict__)
+        state["_layer_structure"] = None
+        return state
+
     @property
     def backend(self) -> Any:
         """The torch backend."""

@@ -7,6 +7,7 @@ entry-point group ``influx.backends`` and loaded on first use.
 from __future__ import annotations
 
 from influx._compile_cache import enable_compilation_cache
+from influx._store import Results, open_results
 from influx.attribution import Influence
 from influx.backends import (
     BackendNotInstalledError,
@@ -74,6 +75,7 @@ __all__ = [
     "NotPositiveDefiniteWarning",
     "NystromPreconditioner",
     "Preconditioner",
+    "Results",
     "SolveInfo",
     "Solver",
     "TwiceDifferentiable",
@@ -86,6 +88,7 @@ __all__ = [
     "enable_compilation_cache",
     "get_backend",
     "make_solver",
+    "open_results",
     "register_solver",
     "twice_differentiable",
     "use_backend",

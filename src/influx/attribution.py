@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -42,6 +42,7 @@ from influx._scoring import (
     score,
     up_blocks,
 )
+from influx._store import is_store_path
 from influx.data import DataReader
 from influx.errors import InputError
 from influx.layers import has_layers, parameter_groups
@@ -330,6 +331,8 @@ class Influence:
         out: Any = None,
         measurement: Measurement | None = None,
         by_layer: bool = False,
+        client: Any = None,
+        overwrite: bool = False,
     ) -> Any:
         """Influence of every input point on every test point.
 
@@ -344,7 +347,14 @@ class Influence:
             ``"up"`` (default) or ``"perturbation"``.
         out
             Optional host array (numpy, ``numpy.memmap``, zarr) of the result's
-            shape that takes it block by block; it is returned.
+            shape that takes it block by block; it is returned. Or the path
+            (``str`` or ``os.PathLike``) of a resumable zarr store, created or
+            reopened: the result is written chunk by chunk (a source's
+            partitions, else groups of consecutive batches), each chunk marked
+            done once written, and a call with the same job (same model,
+            method, options, test data, input size and query; the store's
+            fingerprint) computes only the chunks still missing. The store's
+            ``"scores"`` zarr array is returned; see :func:`influx.open_results`.
         measurement
             See :meth:`factors`.
         by_layer
@@ -353,13 +363,26 @@ class Influence:
             bias, then each remaining parameter tensor): the result gets a
             last axis ``L`` that sums to the total (to rounding). Up-weighting
             only; ``out`` must then be ``[N_test, M, L]``.
+        client
+            A ``dask.distributed.Client``: the test factors are computed here
+            and sent to every worker once; each worker scores partitions of
+            ``input_data``, which must then be an :class:`influx.ArraySource`
+            or :class:`influx.FactorySource` (the workers read it
+            themselves), and writes its blocks into the ``out`` store, or
+            sends them back (``out=None``: the same native array as without a
+            client). ``None``: this process.
+        overwrite
+            With ``out`` a store path: delete a store of another job (or of
+            this one) there and start over, instead of refusing it (another
+            job) or resuming it (this one).
 
         Returns
         -------
         Any
             Native array ``[N_test, M]`` for ``"up"``, ``[N_test, M, L]`` with
             ``by_layer``, ``[N_test, M, *S]`` for ``"perturbation"``; ``out``
-            when given.
+            when given; the store's ``"scores"`` zarr array when ``out`` is a
+            path.
         """
         kind = parse_influence_type(influence_type)
         if not isinstance(by_layer, bool | np.bool_):
@@ -368,6 +391,13 @@ class Influence:
             raise InputError(BY_LAYER_UP_ONLY)
         fitted = self._require_fitted()
         data, name = self._input(fitted, input_data)
+        if uses_chunks(out, client):
+            from influx._distributed_scoring import distributed_influences
+
+            return distributed_influences(
+                self, kind, data, name, test_data, measurement, bool(by_layer), out,
+                client, overwrite,
+            )  # fmt: skip
         if by_layer:
             check_out_by_layer(out, self._model, data, test_data=test_data)
         else:
@@ -402,7 +432,14 @@ class Influence:
         model, progress = self._guarded, self._progress
         return score(kind, model, data, factors, progress, name, out, by_layer=by_layer)
 
-    def self_influence(self, data: Any) -> Any:
+    def self_influence(
+        self,
+        data: Any,
+        *,
+        out: Any = None,
+        client: Any = None,
+        overwrite: bool = False,
+    ) -> Any:
         """``<H^{-1} g_i, g_i>`` of every point, ``g_i = grad l(z_i)``; ``[N]``.
 
         The diagonal of ``influences(data, data)``, without the ``[N, N]``
@@ -434,14 +471,36 @@ class Influence:
         ----------
         data
             Re-iterable of ``(x, y)`` batches, ``N`` points, read in order.
+        out
+            ``None``, a host array ``[N]``, or the path of a resumable zarr
+            store (see :meth:`influences`).
+        client
+            A ``dask.distributed.Client``: ``data`` must then be a source
+            (:class:`influx.ArraySource`, :class:`influx.FactorySource`); the
+            fitted state goes to every worker once (:meth:`save`'s bytes,
+            loaded there; cg and lissa also need the training data there, so
+            they must have been fitted on a source), and each worker computes
+            the values of its partitions. :attr:`info` is then not set.
+        overwrite
+            See :meth:`influences`.
 
         Returns
         -------
         Any
-            Native array ``[N]``.
+            Native array ``[N]``; ``out`` when given; the store's ``"scores"``
+            zarr array when ``out`` is a path.
         """
         fitted = self._require_fitted()
         name = _data_name(data, fitted, "data")
+        if uses_chunks(out, client):
+            from influx._distributed_scoring import distributed_self_influence
+
+            return distributed_self_influence(self, data, name, out, client, overwrite)
+        if out is not None:
+            raise InputError(
+                "self_influence's out must be the path of a zarr store, or used "
+                "with client=...: pass out='self.zarr', or take the returned array."
+            )
         model = self._guarded
         reader = DataReader(data, name, model.backend, model.parameters, ordered=True)
         if isinstance(fitted.state, _kfac.KfacState) and has_layers(model):
@@ -493,6 +552,7 @@ class Influence:
         *,
         largest: bool = True,
         measurement: Measurement | None = None,
+        client: Any = None,
     ) -> tuple[Any, Any]:
         """The ``k`` most influential input points of each test point.
 
@@ -514,6 +574,10 @@ class Influence:
             negative.
         measurement
             See :meth:`factors`.
+        client
+            A ``dask.distributed.Client``: ``input_data`` must then be a
+            source; each worker keeps the top ``k`` of its partitions, merged
+            here (the same result, ties to the smaller index).
 
         Returns
         -------
@@ -535,6 +599,12 @@ class Influence:
             raise InputError(
                 f"k={k} is larger than the {known} points of {name}: lower k."
             )
+        if client is not None:
+            from influx._distributed_scoring import distributed_top_k
+
+            return distributed_top_k(
+                self, test_data, data, name, k, largest, measurement, client
+            )
         factors = self.factors(test_data, measurement=measurement)
         model = self._guarded
         reader = DataReader(data, name, model.backend, model.parameters, ordered=True)
@@ -553,8 +623,11 @@ class Influence:
 
     # -- saving --------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str] | BinaryIO) -> None:
         """Write the fitted state to ``path`` (a ``.npz`` file, no pickle).
+
+        ``path`` may also be a binary file object (``io.BytesIO``), which gets
+        the same bytes (a distributed query sends them to its workers).
 
         The file holds the solver's state arrays and a JSON header with the
         method and its options, ``lambda``, ``P``, the dtype, the backend and
@@ -590,6 +663,9 @@ class Influence:
         arrays["header"] = np.frombuffer(text, dtype=np.uint8)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
+        if hasattr(path, "write"):
+            path.write(buffer.getvalue())  # type: ignore[union-attr]
+            return
         target = os.fspath(path)
         temporary = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
         with open(temporary, "wb") as handle:
@@ -599,7 +675,7 @@ class Influence:
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | BinaryIO,
         model: TwiceDifferentiable,
         training_data: Any = None,
         *,
@@ -610,7 +686,7 @@ class Influence:
         Parameters
         ----------
         path
-            The file :meth:`save` wrote.
+            The file :meth:`save` wrote, or a binary file object of its bytes.
         model
             The wrapped model it was fitted on: same backend, parameter count,
             dtype and parameter values (checked by their SHA-256).
@@ -629,7 +705,8 @@ class Influence:
             one saved, or ``training_data`` is missing or of another size.
         """
         check_model(model)
-        with np.load(os.fspath(path), allow_pickle=False) as archive:
+        source = path if hasattr(path, "read") else os.fspath(path)  # type: ignore[arg-type]
+        with np.load(source, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
         header = _read_header(arrays, path)
         _check_same_model(header, model, path)
@@ -801,6 +878,11 @@ def _resolve_curvature(
             "method of the exact curvature (direct, block, cg, arnoldi)."
         )
     return own, "hessian"
+
+
+def uses_chunks(out: Any, client: Any) -> bool:
+    """Whether a query runs chunk by chunk (a client, or ``out`` a store path)."""
+    return client is not None or is_store_path(out)
 
 
 def _data_name(data: Any, fitted: _Fitted, default: str) -> str:
@@ -1077,6 +1159,13 @@ def _influx_version() -> str:
     return str(getattr(influx, "__version__", "unknown"))
 
 
+def _where(path: Any) -> str:
+    """``path`` as shown in errors (a file object by its type)."""
+    if hasattr(path, "read"):
+        return f"the {type(path).__name__} given"
+    return repr(os.fspath(path))
+
+
 def _read_header(arrays: dict[str, np.ndarray], path: Any) -> dict[str, Any]:
     raw = arrays.get("header")
     header = None
@@ -1087,11 +1176,11 @@ def _read_header(arrays: dict[str, np.ndarray], path: Any) -> dict[str, Any]:
             header = None
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise InputError(
-            f"{os.fspath(path)!r} is not a file written by influx.Influence.save."
+            f"{_where(path)} is not a file written by influx.Influence.save."
         )
     if header.get("format_version") != FORMAT_VERSION:
         raise InputError(
-            f"{os.fspath(path)!r} has format version {header.get('format_version')}, "
+            f"{_where(path)} has format version {header.get('format_version')}, "
             f"this influx reads version {FORMAT_VERSION}: fit and save again."
         )
     return header
@@ -1107,7 +1196,7 @@ def _check_same_model(header: dict[str, Any], model: Any, path: Any) -> None:
     ):
         if facts[key] != header[key]:
             raise InputError(
-                f"The model does not match the one {os.fspath(path)!r} was fitted "
+                f"The model does not match the one {_where(path)} was fitted "
                 f"on: its {what} is {facts[key]}, the saved one {header[key]}. "
                 "Load with the same model, with the same parameters, or fit again."
             )
