@@ -30,7 +30,7 @@ def main(store: str, log_dir: str, backend: str, delay: float) -> None:
     import influx
 
     model = wrap_mlp(backend, mlp_weights(fs.SIZES))
-    inf = influx.Influence(model, "direct", 1e-3)
+    inf = influx.Influence(model, "direct", 1e-3, curvature="ggn")
     inf.fit(influx.batches(*fs.arrays(), batch_size=fs.BATCH))
     train = influx.FactorySource(
         "fault_support:slow_data",
@@ -40,8 +40,13 @@ def main(store: str, log_dir: str, backend: str, delay: float) -> None:
         partition_size=fs.PARTITION,
     )
     test = influx.batches(*fs.query_arrays(), batch_size=fs.N_TEST)
-    with LocalCluster(**local_cluster_options(2)) as cluster, Client(cluster) as client:
-        print("cluster up", flush=True)
+    with (
+        LocalCluster(
+            **{**local_cluster_options(2), "dashboard_address": ":0"}
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.run(fs.warm_up, backend)
         inf.influences(test, train, out=store, client=client)
     print("finished", flush=True)
 

@@ -73,6 +73,17 @@ def slow_data(
     return lazy_x, da.from_array(y, chunks=(BATCH, y.shape[1]))
 
 
+def warm_up(backend_name: str) -> int:
+    """Import the framework and influx here (a worker); the process id."""
+    if backend_name == "torch":
+        import torch  # noqa: F401
+    else:
+        import jax  # noqa: F401
+    import influx  # noqa: F401
+
+    return os.getpid()
+
+
 def read_log(log_dir: str | os.PathLike[str]) -> list[tuple[int, int, float]]:
     """Every logged batch read: ``(pid, batch, time)``."""
     entries = []

@@ -49,7 +49,7 @@ LAMBDA = 1e-3
 def fitted(backend_name: str, regularization: float = LAMBDA) -> influx.Influence:
     """The fault tests' MLP, fitted in this process on the in-memory points."""
     model = wrap_mlp(backend_name, mlp_weights(fs.SIZES))
-    inf = influx.Influence(model, "direct", regularization)
+    inf = influx.Influence(model, "direct", regularization, curvature="ggn")
     return inf.fit(influx.batches(*fs.arrays(), batch_size=fs.BATCH))
 
 
@@ -81,6 +81,8 @@ def stored_scores(path: Path) -> np.ndarray:
 
 
 NUM_CHUNKS = -(-fs.N_TRAIN // fs.PARTITION)
+#: A cluster of its own per fault test; no dashboard (no port clash warning).
+QUIET_CLUSTER = {**local_cluster_options(2), "dashboard_address": ":0"}
 
 
 # -- a worker killed mid-run ---------------------------------------------------
@@ -104,15 +106,16 @@ def test_worker_killed_mid_run(backend_name, tmp_path):
     inf = fitted(backend_name)
     store, logs = tmp_path / "scores.zarr", tmp_path / "logs"
     logs.mkdir()
-    source = slow_source(logs, delay=0.08)
+    source = slow_source(logs, delay=0.05)
     outcome: dict[str, object] = {}
 
     with (
-        LocalCluster(**local_cluster_options(2)) as cluster,
+        LocalCluster(**QUIET_CLUSTER) as cluster,
         Client(cluster) as client,
     ):
         client.wait_for_workers(2)
         client.register_plugin(fs.write_log_plugin(str(logs)))
+        client.run(fs.warm_up, backend_name)  # kill mid-scoring, not mid-import
         pids = sorted(client.run(os.getpid).values())
 
         def score() -> None:
@@ -206,6 +209,8 @@ def _client_run(store: Path, logs: Path, backend_name: str, delay: float):
 
 @needs_client
 def test_client_killed_then_resumed(backend_name, tmp_path):
+    if backend_name == "jax" and _has("torch"):
+        pytest.skip("one backend is enough here (the slowest test): torch")
     expected = reference(backend_name)
     store = tmp_path / "scores.zarr"
     first_logs, second_logs = tmp_path / "run1", tmp_path / "run2"
@@ -261,7 +266,9 @@ def test_client_killed_then_resumed(backend_name, tmp_path):
     fitted(backend_name).influences(
         query(), slow_source(None, 0.0), out=str(uninterrupted)
     )
-    np.testing.assert_array_equal(stored_scores(store), stored_scores(uninterrupted))
+    np.testing.assert_allclose(
+        stored_scores(store), stored_scores(uninterrupted), rtol=0, atol=1e-10
+    )
 
 
 # -- bad input: refused before any work, the store untouched ------------------
