@@ -37,6 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-flipped", type=int, default=15)
     demo.add_argument("--regularization", type=float, default=0.01)
     demo.add_argument("--seed", type=int, default=0)
+    run = commands.add_parser(
+        "run",
+        help="run an influence job described by a TOML file",
+        description=(
+            "Fit, score every training point against every test point into a "
+            "resumable zarr store, and optionally compute self-influence and the "
+            "top k, as the job file says (see influx.job for its keys). Running "
+            "the same job again computes only what is missing."
+        ),
+    )
+    run.add_argument("job", help="the job file (.toml)")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (sizes, chunks, memory per worker) and exit",
+    )
+    run.add_argument(
+        "--no-progress", action="store_true", help="no stage messages or bars"
+    )
     return parser
 
 
@@ -59,6 +78,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ImportError, ValueError, TypeError) as error:
             print(f"influx demo: error: {error}", file=sys.stderr)
             return 2
+    elif args.command == "run":
+        return _run(args.job, dry_run=args.dry_run, progress=not args.no_progress)
+    return 0
+
+
+def _run(path: str, *, dry_run: bool, progress: bool) -> int:
+    """``influx run``: errors in the job are one line on stderr and status 2."""
+    from influx.errors import InputError
+    from influx.job import load_job, run_job
+
+    try:
+        job = load_job(path)
+        result = run_job(job, dry_run=dry_run, progress=progress)
+    except InputError as error:
+        plan = getattr(error, "plan", None)
+        if dry_run and plan is not None:
+            print(plan)
+        print(f"influx run: error: {error}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(result.plan)
     return 0
 
 

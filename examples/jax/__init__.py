@@ -1,0 +1,1 @@
+"""The JAX example job (``influx run examples/jax/job.toml``)."""

@@ -1,0 +1,1 @@
+"""The PyTorch example job (``influx run examples/torch/job.toml``)."""
