@@ -286,7 +286,7 @@ def test_store_of_another_job_refused(backend_name, dask_client, tmp_path):
         other.influences(
             query(), slow_source(logs, 0.0), out=str(store), client=dask_client
         )
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 5  # refused up front: nothing computed
     assert fs.file_states(store) == before
     worker_reads = [e for e in fs.read_log(logs) if e[0] != os.getpid()]
     assert worker_reads == []
@@ -313,6 +313,7 @@ def _job_file(tmp_path: Path, backend: str, factory: str, cluster: str = "") -> 
         f"python_path = [{str(HERE)!r}]\n"
         "[influence]\n"
         'method = "direct"\n'
+        'curvature = "ggn"\n'
         f"hessian_regularization = {LAMBDA}\n"
         "[data]\n"
         f"batch_size = {fs.BATCH}\n"
