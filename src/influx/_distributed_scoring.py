@@ -297,13 +297,37 @@ def compute_chunk(job: Job, prepared: Prepared, chunk: Any) -> Any:
     return best.result()
 
 
+def _model_handle(inf: Influence, executor: Executor) -> Any:
+    """The wrapped model on the workers, sent once per Influence and cluster.
+
+    Every query of an Influence on the same client reuses the workers' copy
+    (and so the functions compiled there); sent again only if it was lost.
+    """
+    client = getattr(executor, "client", None)
+    key = getattr(client, "id", id(client))
+    with inf._lock:
+        handles = inf.__dict__.setdefault("_worker_models", {})
+        handle = handles.get(key)
+        if handle is None or getattr(handle, "status", "finished") != "finished":
+            handle = executor.broadcast(inf.model)
+            handles[key] = handle
+        return handle
+
+
+def _token(inf: Influence, what: str) -> str:
+    """A name of ``inf``'s ``what`` that stays the same across its queries."""
+    with inf._lock:
+        own = inf.__dict__.setdefault("_worker_token", uuid.uuid4().hex)
+    return f"{own}-{what}"
+
+
 def _run_all(
     executor: Executor,
     plan: Plan,
     data: Any,
     name: str,
     job: Job,
-    model: Any,
+    inf: Influence,
     skip: set[int],
     progress: bool,
     desc: str,
@@ -314,7 +338,7 @@ def _run_all(
         total = plan.num_chunks - len(skip)
         try:
             for chunk in progress_iter(chunks, progress, desc, total=total):
-                yield run_chunk(chunk, job, model)
+                yield run_chunk(chunk, job, inf.model)
         finally:
             _release(job.token)
         return
@@ -322,7 +346,7 @@ def _run_all(
     if not todo:
         return
     job_handle = executor.broadcast(job)
-    model_handle = executor.broadcast(model)
+    model_handle = _model_handle(inf, executor)
     for _, result in executor.map(
         run_chunk, todo, job_handle, model_handle, progress=progress, desc=desc
     ):
@@ -533,7 +557,7 @@ def distributed_influences(
     desc = "Influences (chunks)"
     target = None if store else (out if out is not None else np.empty(shape, dtype))
     for number, block in _run_all(
-        executor, plan, data, name, job, inf.model, skip, inf._progress, desc
+        executor, plan, data, name, job, inf, skip, inf._progress, desc
     ):
         if target is not None:
             start = number * plan.chunk_size
@@ -581,7 +605,9 @@ def distributed_self_influence(
                 f"out has shape {tuple(out.shape)} but the self-influence is [N] = "
                 f"{shape}: allocate out with that shape."
             )
-    job = Job(token=uuid.uuid4().hex, mode="self_influence", name=name, writer=writer)
+    # one fitted state per worker, kept across this Influence's queries
+    token = _token(inf, "state")
+    job = Job(token=token, mode="self_influence", name=name, writer=writer)
     if isinstance(executor, LocalExecutor):
         job.influence = inf
     else:
@@ -589,7 +615,7 @@ def distributed_self_influence(
     desc = "Self-influence (chunks)"
     target = None if store else (out if out is not None else np.empty(shape, dtype))
     for number, values in _run_all(
-        executor, plan, data, name, job, inf.model, skip, inf._progress, desc
+        executor, plan, data, name, job, inf, skip, inf._progress, desc
     ):
         if target is not None:
             start = number * plan.chunk_size
@@ -655,7 +681,7 @@ def distributed_top_k(
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     desc = "Top-k influences (chunks)"
     for number, part in _run_all(
-        executor, plan, data, name, job, inf.model, set(), inf._progress, desc
+        executor, plan, data, name, job, inf, set(), inf._progress, desc
     ):
         parts[number] = part
     values, indices = merge_top_k([parts[n] for n in sorted(parts)], k, largest)
