@@ -250,6 +250,11 @@ def test_client_killed_then_resumed(backend_name, tmp_path):
     assert {int(c) for c in np.flatnonzero(done == 2)} == missing, done
     assert np.all(done[after_kill == 1] == 1)
     assert np.all(done > 0)
+    results = influx.open_results(store)
+    assert results.chunks_missing == []
+    assert [run["number"] for run in results.runs] == [1, 2]
+    assert results.written_by(2) == len(missing)
+    assert results.written_by(1) == NUM_CHUNKS - len(missing)
     # and only they were read by the second run's workers (once each)
     reads = fs.partition_reads(fs.read_log(second_logs), exclude_pid=process.pid)
     per_partition = fs.PARTITION // fs.BATCH
