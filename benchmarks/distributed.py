@@ -345,16 +345,20 @@ def run_distributed(
         test = influx.batches(x_test, y_test, batch_size=args.n_test)
         model = make_model(args.backend, args.weights, args.dtype)
         inf = influx.Influence(model, args.method, args.lam, **args.options)
+        cpu = [_cpu(client)]
         if _fit_takes_client():
             _, fit_s = _timed(lambda: inf.fit(train, client=client))
         else:  # a checkout without the distributed fit: fit here
             _, fit_s = _timed(lambda: inf.fit(train))
+        cpu.append(_cpu(client))
         _, factors_s = _timed(lambda: inf.factors(test))
         if store.exists():
             shutil.rmtree(store)
+        cpu.append(_cpu(client))
         scores, total_s = _timed(
             lambda: inf.influences(test, train, out=str(store), client=client)
         )
+        cpu.append(_cpu(client))
         scores = _to_numpy(scores)
     times = {
         "fit_s": fit_s,
@@ -363,8 +367,24 @@ def run_distributed(
         "scoring_s": total_s - factors_s,
         "partitions": train.num_partitions,
         "overheads": overheads,
+        # CPU seconds of each process (the client, then the workers) per stage:
+        # what the run costs whatever else the machine runs
+        "cpu_fit_s": _cpu_delta(cpu[0], cpu[1]),
+        "cpu_factors_s": _cpu_delta(cpu[1], cpu[2]),
+        "cpu_scoring_s": _cpu_delta(cpu[2], cpu[3]),
     }
     return times, scores
+
+
+def _cpu(client: Any) -> dict[str, float]:
+    """CPU seconds used so far by this process and by each worker process."""
+    used = {"client": time.process_time()}
+    used.update(client.run(time.process_time))
+    return used
+
+
+def _cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before[key] for key in after if key in before}
 
 
 # -- the cost model (docs/scaling.md) ------------------------------------------
@@ -388,14 +408,21 @@ def kfac_state_bytes(sizes: list[int], method: str, itemsize: int = 8) -> int:
     return total * itemsize
 
 
-def eigh_seconds(sizes: list[int]) -> float:
+def eigh_seconds(sizes: list[int], repeats: int = 3) -> float:
     """Time of the client's eigendecompositions of the layer factors (K-FAC)."""
-    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    matrices = []
     for d_in, d_out in itertools.pairwise(sizes):
         for d in (d_in + 1, d_out):
-            a = np.random.default_rng(0).standard_normal((d, d))
-            np.linalg.eigh(a @ a.T)
-    return time.perf_counter() - start
+            a = rng.standard_normal((d, d))
+            matrices.append(a @ a.T)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for matrix in matrices:
+            np.linalg.eigh(matrix)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def model_constants(result: dict) -> dict:
@@ -681,12 +708,26 @@ def _summary(result: dict, worker_counts: list[int]) -> dict:
         summary[str(workers)] = {k: _median(runs, k) for k in keys}
         if "max_abs_diff" in runs[0]:
             summary[str(workers)]["max_abs_diff"] = max(r["max_abs_diff"] for r in runs)
+        for stage in ("fit", "scoring"):
+            # the busiest worker's CPU seconds plus the client's: the wall
+            # time the stage would take with a core per process
+            # (scoring: less the factors, which influences() computes again)
+            paths = [
+                run[f"cpu_{stage}_s"]["client"]
+                - (run["cpu_factors_s"]["client"] if stage == "scoring" else 0.0)
+                + max(v for k, v in run[f"cpu_{stage}_s"].items() if k != "client")
+                for run in runs
+            ]
+            summary[str(workers)][f"cpu_path_{stage}_s"] = statistics.median(paths)
     if "1" in summary and "2" in summary:
+        one, two = summary["1"], summary["2"]
         summary["speedup_2_vs_1"] = {
-            "scoring": summary["1"]["scoring_s"] / summary["2"]["scoring_s"],
-            "fit": summary["1"]["fit_s"] / summary["2"]["fit_s"],
-            "fit_plus_scoring": (summary["1"]["fit_s"] + summary["1"]["scoring_s"])
-            / (summary["2"]["fit_s"] + summary["2"]["scoring_s"]),
+            "scoring": one["scoring_s"] / two["scoring_s"],
+            "fit": one["fit_s"] / two["fit_s"],
+            "fit_plus_scoring": (one["fit_s"] + one["scoring_s"])
+            / (two["fit_s"] + two["scoring_s"]),
+            "scoring_cpu_path": one["cpu_path_scoring_s"] / two["cpu_path_scoring_s"],
+            "fit_cpu_path": one["cpu_path_fit_s"] / two["cpu_path_fit_s"],
         }
     return summary
 
