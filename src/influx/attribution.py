@@ -225,14 +225,29 @@ class Influence:
 
     # -- fitting -------------------------------------------------------------
 
-    def fit(self, training_data: Any) -> Influence:
+    def fit(self, training_data: Any, client: Any = None) -> Influence:
         """Build the Hessian operator on ``training_data`` and run the solver's init.
 
         Parameters
         ----------
         training_data
             Re-iterable of ``(x, y)`` batches, ``N`` points; the Hessian
-            averages over all of them.
+            averages over all of them. With a ``client``, a data source
+            (:class:`~influx.ArraySource`, :class:`~influx.FactorySource`)
+            whose partitions the workers read themselves.
+        client
+            A ``dask.distributed.Client``: the fit's statistics (curvature
+            products and dense blocks, Nystrom sketches, K-FAC factors and
+            EK-FAC corrections) are computed on the workers, one task per
+            partition of the source, and added in a tree; the model is sent
+            to each worker once. ``None`` (default) computes here. LiSSA's
+            stochastic steps read single batches here in both cases (they
+            are sequential); so does the loss-convention check (first
+            batch). Products with the fitted Hessian in later queries (cg,
+            lissa, arnoldi residuals) also run on ``client``, which must
+            stay open while they are made. The fitted state equals the
+            single-process one up to rounding (the sums are added in another
+            order).
 
         Returns
         -------
@@ -243,8 +258,10 @@ class Influence:
         ------
         RuntimeError
             If the object is already fitted (build a new one for new data).
+        InputError
+            If ``client`` is given and ``training_data`` is not a source.
         """
-        self._fit(training_data)
+        self._fit(training_data, client=client)
         return self
 
     def _fitted_rhs(self, training_data: Any, test_data: Any) -> tuple[_Fitted, Any]:
@@ -252,7 +269,9 @@ class Influence:
         rhs = self._fit(training_data, test_data)
         return self._require_fitted(), rhs
 
-    def _fit(self, training_data: Any, test_data: Any = None) -> Any:
+    def _fit(
+        self, training_data: Any, test_data: Any = None, client: Any = None
+    ) -> Any:
         """:meth:`fit`; with ``test_data``, also its gradients (returned).
 
         The test gradients are computed after the training data is checked and
@@ -269,13 +288,27 @@ class Influence:
             # JAX on the CPU: the solver's small steps run in numpy (nothing to
             # compile), only the model's derivatives in JAX.
             host = computes_on_host(self._model.parameters)
-            hessian = HessianOperator(
-                self._guarded,
-                training_data,
-                progress=self._progress,
-                host=host,
-                curvature=self._operator_curvature,
-            )
+            init_data = training_data
+            if client is None:
+                hessian = HessianOperator(
+                    self._guarded,
+                    training_data,
+                    progress=self._progress,
+                    host=host,
+                    curvature=self._operator_curvature,
+                )
+            else:
+                from influx._distributed_fit import partitioned_fit
+
+                hessian, init_data = partitioned_fit(
+                    self._model,
+                    self._guarded,
+                    training_data,
+                    client,
+                    progress=self._progress,
+                    host=host,
+                    curvature=self._operator_curvature,
+                )
             rhs = None
             if test_data is not None:
                 rhs = self._test_gradients(test_data, training_data, None, host)
@@ -283,7 +316,7 @@ class Influence:
             state = self._solver.init(
                 operator,
                 model=self._model,
-                training_data=training_data,
+                training_data=init_data,
                 progress=self._progress,
             )
             self._fitted = _Fitted(state, operator, training_data, hessian.reader, host)

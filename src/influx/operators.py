@@ -552,14 +552,34 @@ class HessianOperator(ModelPlacedOperator):
         return xp.astype(product, vectors.dtype)
 
     def mv(self, vectors: Any) -> Any:
+        total, count = self.weighted_sum(vectors)
+        self.num_passes += 1
+        return total / count
+
+    def weighted_sum(self, vectors: Any) -> tuple[Any, int]:
+        """One pass: ``(sum_b n_b A_b V, N)``, the product before the mean.
+
+        ``A_b`` is batch ``b``'s curvature, ``n_b`` its size; :meth:`mv` is
+        the sum divided by ``N``. A distributed operator adds the sums of the
+        training partitions (``influx._distributed_fit``).
+
+        Parameters
+        ----------
+        vectors
+            ``[K, P]``; the sum is accumulated in their dtype.
+
+        Returns
+        -------
+        tuple
+            The sum ``[K, P]`` and the number of points read.
+        """
         total, count = None, 0
         for index, x, y in self.reader:
             n = int(x.shape[0])
             term = n * self._batch_hvp(index, x, y, vectors)
             total = term if total is None else total + term
             count += n
-        self.num_passes += 1
-        return total / count
+        return total, count
 
     def to_dense(self, progress: bool | None = None, *, dtype: Any = None) -> Any:
         """The Hessian ``[P, P]``, from batched :meth:`hvp` products, in one pass.
@@ -587,10 +607,34 @@ class HessianOperator(ModelPlacedOperator):
         dtype = self.dtype if dtype is None else dtype
         itemsize = xp.finfo(dtype).bits // 8
         check_dense_fits(self.size, itemsize, 3, "materialising the Hessian")
+        dense, count = self.dense_sum(show, dtype)
+        self.num_passes += 1
+        # Row k is H e_k; the transpose makes it H itself (equal up to rounding).
+        return dense.T / count
+
+    def dense_sum(self, progress: bool, dtype: Any) -> tuple[Any, int]:
+        """One pass: ``(S, N)`` with row ``k`` of ``S`` ``sum_b n_b A_b e_k``.
+
+        :meth:`to_dense` is ``S^T / N``. A distributed operator adds the sums
+        of the training partitions (``influx._distributed_fit``).
+
+        Parameters
+        ----------
+        progress
+            Show a progress bar over the batches.
+        dtype
+            Native dtype of the products' accumulation.
+
+        Returns
+        -------
+        tuple
+            ``S`` ``[P, P]`` and the number of points read.
+        """
+        xp = array_namespace(self.like)
         totals: list[Any] | None = None
         count = 0
         batches = progress_iter(
-            self.reader, show, "Hessian", total=self.reader.num_batches
+            self.reader, progress, "Hessian", total=self.reader.num_batches
         )
         for index, x, y in batches:
             n = int(x.shape[0])
@@ -604,13 +648,11 @@ class HessianOperator(ModelPlacedOperator):
                 totals = [t + term for t, term in zip(totals, terms, strict=True)]
             del terms
             count += n
-        self.num_passes += 1
         if totals is None:  # an empty reader raises before this
             raise InputError(f"{self.reader.name} is empty: pass at least one point.")
         dense = xp.concat(totals, axis=0)[: self.size]
         del totals
-        # Row k is H e_k; the transpose makes it H itself (equal up to rounding).
-        return dense.T / count
+        return dense, count
 
     @property
     def samples_per_pass(self) -> int:

@@ -55,6 +55,11 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from influx._checks import ensure_finite, evaluate
+from influx._distributed_fit import (
+    PartitionedData,
+    kfac_correction_sums,
+    kfac_factor_sums,
+)
 from influx._host import host_view
 from influx._kronecker import (
     CHUNK_ELEMENTS,
@@ -240,8 +245,17 @@ class KfacSolver(Solver):
         layouts: list[LayerLayout] = []
         batches = functools.partial(self._batches, model, reader, layouts, host, seed)
 
+        # A distributed fit (Influence.fit(..., client=...)) maps both passes
+        # over the training partitions: influx._distributed_fit.
+        partitioned = isinstance(training_data, PartitionedData)
         a_sums, g_sums, rest_sum, count = None, None, None, 0
-        for n, batch in batches("K-FAC factors", progress, check=True):
+        if partitioned:
+            a_sums, g_sums, rest_sum, count, layout = kfac_factor_sums(
+                self, model, training_data, host, dtype, seed, progress
+            )
+            layouts.append(layout)
+        here = not partitioned
+        for n, batch in batches("K-FAC factors", progress, check=True) if here else ():
             a_terms, g_terms, rest_term = factor_sums(batch, layouts[0].layers, dtype)
             if a_sums is None:
                 a_sums, g_sums, rest_sum = a_terms, g_terms, rest_term
@@ -259,7 +273,19 @@ class KfacSolver(Solver):
 
         if self.corrected:
             sums = None
-            for _, batch in batches("EK-FAC eigenvalues", progress):
+            if partitioned:
+                sums = kfac_correction_sums(
+                    self,
+                    model,
+                    training_data,
+                    host,
+                    dtype,
+                    seed,
+                    a_vectors,
+                    g_vectors,
+                    progress,
+                )
+            for _, batch in batches("EK-FAC eigenvalues", progress) if here else ():
                 terms = correction_sums(batch, layers, a_vectors, g_vectors, dtype)
                 sums = (
                     terms
@@ -302,13 +328,16 @@ class KfacSolver(Solver):
         desc: str,
         progress: bool,
         check: bool = False,
+        check_loss: bool = True,
     ) -> Any:
         """Yield ``(B, LayerBatch)`` per batch, checked (numpy in host mode).
 
         ``layouts`` receives the model's layout after the first batch if empty.
+        ``check``: check the arrays' values, and with ``check_loss`` the loss
+        convention (a distributed fit checks it once, on the client).
         """
         name = reader.name
-        loss_check = LossConventionCheck(model, name) if check else None
+        loss_check = LossConventionCheck(model, name) if check and check_loss else None
         batches = progress_iter(reader, progress, desc, total=reader.num_batches)
         for index, x, y in batches:
             count = int(x.shape[0])
