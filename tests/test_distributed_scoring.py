@@ -35,6 +35,13 @@ def factory_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def factory_data_with_nan() -> tuple[np.ndarray, np.ndarray]:
+    """:func:`factory_data` with a NaN input in batch 4 (partition 2)."""
+    x, y = factory_data()
+    x[17, 0] = np.nan
+    return x, y
+
+
 def _problem(backend_name: str, dtype: str = "float64", method: str = "direct") -> Any:
     x, y = factory_data()
     x, y = x.astype(dtype), y.astype(dtype)
@@ -88,6 +95,29 @@ def test_self_influence_equals_single_process(
     stored = inf.self_influence(train, out=tmp_path / "self.zarr", client=dask_client)
     assert stored.shape == (N_TRAIN,)
     _close(stored[:], expected, "float64")
+    # the model went to the workers once for both queries
+    assert len(inf.__dict__["_worker_models"]) == 1
+
+
+def test_self_influence_needs_source_training_for_cg(
+    backend_name: str, dask_client: Any
+) -> None:
+    """cg solves with the training Hessian on the workers: it must read it there."""
+    inf, train, _ = _problem(backend_name)
+    x, y = factory_data()
+    on_arrays = influx.Influence(inf.model, "cg", REG).fit(
+        influx.batches(x, y, batch_size=BATCH)
+    )
+    with pytest.raises(influx.InputError, match="training data must be a source"):
+        on_arrays.self_influence(train, client=dask_client)
+    direct = influx.Influence(inf.model, "direct", REG).fit(
+        influx.batches(x, y, batch_size=BATCH)
+    )  # factorised: the workers need no training data
+    _close(
+        direct.self_influence(train, client=dask_client),
+        direct.self_influence(train),
+        "float64",
+    )
 
 
 @pytest.mark.parametrize("largest", [True, False])
@@ -155,3 +185,19 @@ def test_client_needs_a_source(
     assert not path.exists()
     with pytest.raises(TypeError, match=r"dask\.distributed\.Client"):
         inf.influences(test, client="tcp://nowhere:8786")
+
+
+def test_worker_error_reaches_the_client(
+    backend_name: str, dask_client: Any, tmp_path: Path
+) -> None:
+    """A task's error is raised here, naming the batch as the whole source does."""
+    inf, _, test = _problem(backend_name)
+    source = influx.FactorySource(
+        "test_distributed_scoring:factory_data_with_nan",
+        batch_size=BATCH,
+        partition_size=PARTITION,
+    )
+    path = tmp_path / "nan.zarr"
+    with pytest.raises(influx.InputError, match="batch 4"):
+        inf.influences(test, source, out=path, client=dask_client)
+    assert 2 in influx.open_results(path).chunks_missing

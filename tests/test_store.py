@@ -233,3 +233,16 @@ def test_unseeded_random_method_warns(backend_name: str, tmp_path: Path) -> None
     seeded = influx.Influence(inf.model, "arnoldi", REG, seed=None).fit(train)
     with pytest.warns(RuntimeWarning, match="seed"):
         seeded.influences(test, out=tmp_path / "a.zarr")
+
+
+def test_large_chunks_split_their_rows(
+    backend_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk over CHUNK_BYTES splits along the test axis; results unchanged."""
+    monkeypatch.setattr(influx._store, "CHUNK_BYTES", 2 * PARTITION * 8)
+    inf, _, test = _fitted(backend_name)
+    scores = inf.influences(test, out=tmp_path / "rows.zarr")
+    assert scores.chunks == (2, PARTITION)
+    np.testing.assert_allclose(
+        scores[:], to_numpy(inf.influences(test)), rtol=0, atol=1e-12
+    )

@@ -5,7 +5,8 @@ out="self.zarr")`` write into a store laid out as:
 
 - array ``"scores"``: the result, ``[N_test, M, *S]`` (``[N]`` for the
   self-influence), chunked along the input axis (``M``, or ``N``) in the
-  width of one task (a source's ``partition_size``);
+  width of one task (a source's ``partition_size``; the rows are split too
+  where a chunk would pass :data:`CHUNK_BYTES`);
 - array ``"done"``: int32 ``[chunks]``, chunk size 1, the number of the run
   that wrote each chunk (``0``: not written yet). A chunk's entry is written
   only after its data, so a chunk marked done is complete;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -38,6 +40,9 @@ from influx.errors import InputError
 
 __all__ = ["ChunkWriter", "Results", "ResultStore", "fingerprint_hash", "open_results"]
 
+#: Largest chunk of ``"scores"`` (bytes) before its rows are split too; a task
+#: still writes whole chunks (all rows of its columns).
+CHUNK_BYTES = 1 << 27
 #: Names of the store's format in its attributes.
 STORE_FORMAT = "influx.results"
 STORE_VERSION = 1
@@ -311,6 +316,9 @@ class ResultStore:
         shape = tuple(int(n) for n in shape)
         chunks = list(shape)
         chunks[axis] = max(1, min(int(chunk_size), shape[axis]))
+        if axis == 1 and shape[0] > 1:  # rows split so that a chunk stays small
+            row = chunks[1] * math.prod(shape[2:]) * np.dtype(dtype).itemsize
+            chunks[0] = max(1, min(shape[0], CHUNK_BYTES // max(1, row)))
         count = -(-shape[axis] // chunks[axis])
         group = zarr.open_group(target, mode="w")
         _create_array(group, "scores", shape, tuple(chunks), np.dtype(dtype), np.nan)

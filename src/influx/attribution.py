@@ -388,6 +388,9 @@ class Influence:
             method, options, test data, input size and query; the store's
             fingerprint) computes only the chunks still missing. The store's
             ``"scores"`` zarr array is returned; see :func:`influx.open_results`.
+            With a client the workers write into it: the path must name the
+            same directory on every worker (a local cluster, or a shared file
+            system).
         measurement
             See :meth:`factors`.
         by_layer
