@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import fault_support as fs
 import numpy as np
@@ -98,16 +99,45 @@ def _chunk_of(name: str, selection: str) -> int:
     return int(start or 0) // fs.PARTITION
 
 
+def _in_thread(call: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``call()`` in a thread; its result or error lands in the dict."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as error:  # re-raised by the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def _finish(thread: threading.Thread, outcome: dict[str, Any], what: str) -> Any:
+    thread.join(120)
+    assert not thread.is_alive(), f"the {what} did not finish after a worker died"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _worker_reads(logs: Path) -> int:
+    return sum(1 for pid, _, _ in fs.read_log(logs) if pid != os.getpid())
+
+
 @needs_client
 def test_worker_killed_mid_run(backend_name, tmp_path):
+    """A worker killed mid-fit, then another one mid-scoring: both complete."""
     from distributed import Client, LocalCluster
 
     expected = reference(backend_name)
-    inf = fitted(backend_name)
-    store, logs = tmp_path / "scores.zarr", tmp_path / "logs"
+    model = wrap_mlp(backend_name, mlp_weights(fs.SIZES))
+    inf = influx.Influence(model, "direct", LAMBDA, curvature="ggn")
+    store, logs, fit_logs = (tmp_path / n for n in ("scores.zarr", "logs", "fit"))
     logs.mkdir()
+    fit_logs.mkdir()
     source = slow_source(logs, delay=0.05)
-    outcome: dict[str, object] = {}
 
     with (
         LocalCluster(**QUIET_CLUSTER) as cluster,
@@ -115,28 +145,36 @@ def test_worker_killed_mid_run(backend_name, tmp_path):
     ):
         client.wait_for_workers(2)
         client.register_plugin(fs.write_log_plugin(str(logs)))
-        client.run(fs.warm_up, backend_name)  # kill mid-scoring, not mid-import
+        client.run(fs.warm_up, backend_name)  # kill mid-work, not mid-import
+
+        # the fit: a worker killed once a few batches are read
         pids = sorted(client.run(os.getpid).values())
+        thread, outcome = _in_thread(
+            lambda: inf.fit(slow_source(fit_logs, 0.05), client=client)
+        )
+        fs.wait_until(lambda: _worker_reads(fit_logs) >= 4, 60, "4 batches read")
+        assert thread.is_alive()  # killed mid-fit
+        os.kill(pids[0], signal.SIGKILL)
+        _finish(thread, outcome, "fit")
+        # every batch read at least once on the workers (a partition whose
+        # result was lost with the worker is read again)
+        fit_batches = {b for pid, b, _ in fs.read_log(fit_logs) if pid != os.getpid()}
+        assert fit_batches == set(range(-(-fs.N_TRAIN // fs.BATCH)))
 
-        def score() -> None:
-            try:
-                outcome["result"] = inf.influences(
-                    query(), source, out=str(store), client=client
-                )
-            except BaseException as error:  # reported by the main thread
-                outcome["error"] = error
-
-        worker = threading.Thread(target=score)
-        worker.start()
+        # the scoring: a worker killed once 3 chunks are done
+        client.wait_for_workers(2)
+        client.run(fs.warm_up, backend_name)
+        pids = sorted(client.run(os.getpid).values())
+        thread, outcome = _in_thread(
+            lambda: inf.influences(query(), source, out=str(store), client=client)
+        )
         fs.wait_until(lambda: fs.chunks_done(store) >= 3, 60, "3 chunks done")
+        assert thread.is_alive()  # killed mid-scoring
         victim = pids[0]
         done_before = fs.done_runs(store)
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
-        worker.join(120)
-        assert not worker.is_alive(), "the run did not finish after a worker died"
-        if "error" in outcome:
-            raise outcome["error"]  # type: ignore[misc]
+        result = _finish(thread, outcome, "scoring")
         survivors = set(client.run(os.getpid).values())
     assert victim not in survivors
 
@@ -145,9 +183,7 @@ def test_worker_killed_mid_run(backend_name, tmp_path):
     assert done is not None and done.shape == (NUM_CHUNKS,)
     assert np.all(done == done[0]) and done[0] >= 1, done  # this run's number
     np.testing.assert_allclose(stored_scores(store), expected, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(
-        to_numpy(outcome["result"][...]), expected, rtol=0, atol=1e-10
-    )
+    np.testing.assert_allclose(to_numpy(result[...]), expected, rtol=0, atol=1e-10)
 
     # every chunk's done entry written once; its data once, but for a task
     # that the killed worker had started (rerun elsewhere, same values)
