@@ -201,15 +201,22 @@ def run_baseline(args: argparse.Namespace, paths: Any) -> tuple[dict, np.ndarray
     test = influx.batches(x_test, y_test, batch_size=args.n_test)
     model = make_model(args.backend, args.weights, args.dtype)
     inf = influx.Influence(model, args.method, args.lam, **args.options)
+    cpu = [time.process_time()]
     _, fit_s = _timed(lambda: inf.fit(train))
+    cpu.append(time.process_time())
     _, factors_s = _timed(lambda: inf.factors(test))
+    cpu.append(time.process_time())
     scores, total_s = _timed(lambda: inf.influences(test, train))
+    cpu.append(time.process_time())
     scores = _to_numpy(scores)
     times = {
         "fit_s": fit_s,
         "factors_s": factors_s,
         "influences_s": total_s,
         "scoring_s": total_s - factors_s,
+        "cpu_fit_s": cpu[1] - cpu[0],
+        "cpu_factors_s": cpu[2] - cpu[1],
+        "cpu_scoring_s": (cpu[3] - cpu[2]) - (cpu[2] - cpu[1]),
     }
     return times, scores
 
@@ -703,6 +710,10 @@ def _summary(result: dict, worker_counts: list[int]) -> dict:
     keys = ("fit_s", "factors_s", "scoring_s", "influences_s")
     if result["baseline"]:
         summary["baseline"] = {k: _median(result["baseline"], k) for k in keys}
+        for stage in ("fit", "scoring"):
+            summary["baseline"][f"cpu_path_{stage}_s"] = _median(
+                result["baseline"], f"cpu_{stage}_s"
+            )
     for workers in worker_counts:
         runs = result["workers"][str(workers)]
         summary[str(workers)] = {k: _median(runs, k) for k in keys}
