@@ -289,6 +289,10 @@ def test_client_killed_then_resumed(backend_name, tmp_path):
     results = influx.open_results(store)
     assert results.chunks_missing == []
     assert [run["number"] for run in results.runs] == [1, 2]
+    print(  # shown with pytest -s: the resume counts docs/scaling.md quotes
+        f"client killed after {NUM_CHUNKS - len(missing)} of {NUM_CHUNKS} chunks; "
+        f"the rerun computed {results.written_by(2)} (the {len(missing)} missing)"
+    )
     assert results.written_by(2) == len(missing)
     assert results.written_by(1) == NUM_CHUNKS - len(missing)
     # and only they were read by the second run's workers (once each)
