@@ -445,6 +445,9 @@ def model_constants(result: dict, basis: str = "wall") -> dict:
     if basis == "cpu":
         base["fit_s"] = base["cpu_path_fit_s"]
         base["scoring_s"] = base["cpu_path_scoring_s"]
+    elif basis == "worker":  # per-point costs as a dask worker pays them
+        base["fit_s"] = summary["1"]["cpu_path_fit_s"]
+        base["scoring_s"] = summary["1"]["cpu_path_scoring_s"]
     n, sizes, method = config["n_train"], config["layer_sizes"], config["method"]
     fit_client = result.get("fit_client_s", 0.0)
     calibrations = result["workers"].get("2") or result["workers"]["1"]
@@ -530,11 +533,12 @@ def prediction_table(
     """Markdown: measured / model seconds per stage, and the extrapolation.
 
     ``basis="cpu"`` compares the critical path in CPU seconds (the client's
-    plus the busiest worker's) instead of wall times.
+    plus the busiest worker's) instead of wall times; ``"worker"`` too, with
+    the per-point costs of the 1-worker run instead of the baseline's.
     """
     constants = constants_override or model_constants(result, basis)
     summary = result["summary"]
-    if basis == "cpu":
+    if basis in ("cpu", "worker"):
         summary = {
             key: {
                 **value,
@@ -576,8 +580,11 @@ BIG_SIZES = [784, 1024, 1024, 10]
 
 
 def report(result: dict) -> str:
-    """The constants, the measured-against-model table and the extrapolation."""
-    constants = model_constants(result)
+    """The constants, the measured-against-model table and the extrapolation.
+
+    The extrapolations take the per-point costs of the 1-worker run.
+    """
+    constants = model_constants(result, "worker")
     config = result["config"]
     big_params = sum((i + 1) * o for i, o in itertools.pairwise(BIG_SIZES))
     big = scaled(
@@ -603,6 +610,8 @@ def report(result: dict) -> str:
                 if "cpu_path_fit_s" in result["summary"].get("baseline", {})
                 else "(not in this result)"
             ),
+            "CPU critical path, the per-point costs from the 1-worker run "
+            "(checked at 2 workers):\n" + prediction_table(result, basis="worker"),
             "partition_size 512:\n"
             + prediction_table(
                 {**result, "summary": {}}, constants_override=small_partitions
