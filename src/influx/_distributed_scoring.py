@@ -8,7 +8,8 @@ of the batches of any other re-iterable input. One task per chunk:
 
 1. the test factors are computed once, here (the test data is read here),
    and sent to each worker once with the job (``Executor.broadcast``); so is
-   the wrapped model;
+   the wrapped model, pickled here once per Influence and client
+   (:class:`ModelBytes`) and unpickled once per worker;
 2. a task scores its chunk with the same loop as the single-process call
    (:func:`influx._scoring.score`, :func:`~influx._scoring.up_blocks`, or
    :meth:`Influence.self_influence` on an Influence rebuilt on the worker from
@@ -255,12 +256,14 @@ def _release(token: str) -> None:
 def run_chunk(chunk: Any, job: Job, model: Any) -> tuple[int, Any]:
     """One task: ``(chunk number, host result or None once stored)``.
 
+    ``model``: the wrapped model, or its :class:`ModelBytes` on a worker.
+
     A chunk already marked done in the store is skipped (a rerun task).
     """
     writer = job.writer
     if writer is not None and writer.is_done(chunk.number):
         return chunk.number, None
-    prepared = _prepared(job, model)
+    prepared = _prepared(job, worker_model(model))
     result = compute_chunk(job, prepared, chunk)
     if writer is not None:
         writer.write(chunk.number, result)
@@ -297,6 +300,46 @@ def compute_chunk(job: Job, prepared: Prepared, chunk: Any) -> Any:
     return best.result()
 
 
+@dataclass(frozen=True)
+class ModelBytes:
+    """The wrapped model as the workers hold it: pickled once, here.
+
+    dask copies data between workers whenever it likes (a worker that joined
+    late fetches it from a peer); bytes are safe to copy, whereas a live
+    model could be pickled by a worker while one of its tasks is inside a
+    framework transform of it (torch swaps the module's tensors). Each
+    process unpickles the bytes once (:func:`worker_model`).
+    """
+
+    token: str
+    payload: bytes = field(repr=False)
+
+
+_MODELS: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+
+def worker_model(model: Any) -> Any:
+    """The model a task calls: ``model`` itself, or :class:`ModelBytes` unpickled.
+
+    One unpickled copy per process and model (the last :data:`KEPT_JOBS`),
+    so that every query of an Influence reuses it and what it compiled.
+    """
+    if not isinstance(model, ModelBytes):
+        return model
+    with _PREPARED_LOCK:
+        found = _MODELS.get(model.token)
+        if found is None:
+            import cloudpickle
+
+            found = cloudpickle.loads(model.payload)
+            _MODELS[model.token] = found
+            while len(_MODELS) > KEPT_JOBS:
+                _MODELS.popitem(last=False)
+        else:
+            _MODELS.move_to_end(model.token)
+        return found
+
+
 def _model_handle(inf: Influence, executor: Executor) -> Any:
     """The wrapped model on the workers, sent once per Influence and cluster.
 
@@ -309,7 +352,10 @@ def _model_handle(inf: Influence, executor: Executor) -> Any:
         handles = inf.__dict__.setdefault("_worker_models", {})
         handle = handles.get(key)
         if handle is None or getattr(handle, "status", "finished") != "finished":
-            handle = executor.broadcast(inf.model)
+            import cloudpickle
+
+            payload = cloudpickle.dumps(inf.model)
+            handle = executor.broadcast(ModelBytes(uuid.uuid4().hex, payload))
             handles[key] = handle
         return handle
 

@@ -321,7 +321,10 @@ class ResultStore:
             chunks[0] = max(1, min(shape[0], CHUNK_BYTES // max(1, row)))
         count = -(-shape[axis] // chunks[axis])
         group = zarr.open_group(target, mode="w")
-        _create_array(group, "scores", shape, tuple(chunks), np.dtype(dtype), np.nan)
+        # uncompressed: influences barely compress, and writing stays cheap
+        _create_array(
+            group, "scores", shape, tuple(chunks), np.dtype(dtype), np.nan, False
+        )
         _create_array(group, "done", (count,), (1,), np.dtype(np.int32), 0)
         header = {
             "format": STORE_FORMAT,
@@ -360,14 +363,25 @@ def _run(number: int) -> dict[str, Any]:
 
 
 def _create_array(
-    group: Any, name: str, shape: tuple[int, ...], chunks: Any, dtype: Any, fill: Any
+    group: Any,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: Any,
+    dtype: Any,
+    fill: Any,
+    compress: bool = True,
 ) -> Any:
+    options: dict[str, Any] = {}
     if hasattr(group, "create_array"):  # zarr 3
+        if not compress:
+            options["compressors"] = None
         return group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **options
         )
+    if not compress:
+        options["compressor"] = None
     return group.create_dataset(  # zarr 2
-        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill
+        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **options
     )
 
 
