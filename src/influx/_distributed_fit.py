@@ -10,8 +10,10 @@ receives one sum per statistic.
   each partition returns ``sum_b n_b A_b V`` and its point count; the client
   divides the tree-reduced sum by ``N``. Its dense matrix is the sum of the
   partitions' dense sums. Every solver that multiplies by its operator
-  (direct, cg at each iteration, arnoldi, the Nystrom sketch, the block
-  solver's column products) thus runs distributed, unchanged.
+  (direct, cg at each iteration, arnoldi, the Nystrom sketch) thus runs
+  distributed, unchanged.
+- The block solver's diagonal blocks: :func:`partitioned_block_rows`, each
+  partition's blocks summed in one pass over its data.
 - K-FAC factors and EK-FAC corrections: :func:`kfac_factor_sums` and
   :func:`kfac_correction_sums`, called by :mod:`influx.solvers.kfac` when its
   training data is a :class:`PartitionedData` (the eigenvectors are
@@ -33,6 +35,7 @@ relative in float64).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -55,6 +58,7 @@ __all__ = [
     "ModelHandle",
     "PartitionedData",
     "PartitionedHessianOperator",
+    "partitioned_block_rows",
     "kfac_correction_sums",
     "kfac_factor_sums",
     "partitioned_fit",
@@ -286,14 +290,21 @@ class ModelHandle:
         self.model: TwiceDifferentiable | None = None
         self.payload: bytes | None = None
         if serialise:
-            self.payload = _pickle_module().dumps(model)
+            self._serialise(model)
         else:
             self.model = model
 
+    def _serialise(self, model: TwiceDifferentiable) -> None:
+        self.payload = _pickle_module().dumps(model)
+        # the same bytes (the same model, sent again by another fit) find the
+        # worker's copy, and the functions a framework compiled for it
+        self.token = hashlib.sha256(self.payload).hexdigest()
+
     def __getstate__(self) -> dict[str, Any]:
+        if self.payload is None:
+            assert self.model is not None
+            self._serialise(self.model)
         state = dict(self.__dict__)
-        if state["payload"] is None:
-            state["payload"] = _pickle_module().dumps(state["model"])
         state["model"] = None
         return state
 
@@ -306,7 +317,8 @@ def worker_model(handle: ModelHandle) -> TwiceDifferentiable:
     """The handle's model as this process calls it (guarded), one per process.
 
     Unpickled and guarded at the first task of a fit on each worker, then
-    reused by the fit's later tasks; a new fit's model replaces it.
+    reused by the fit's later tasks and by later fits of the same model (the
+    same bytes); another model replaces it.
     """
     from influx.attribution import _guard
 
@@ -366,6 +378,87 @@ def _dense_task(
     native_dtype = np.dtype(dtype) if operator.host else getattr(xp, dtype)
     total, count = operator.dense_sum(False, native_dtype)
     return _to_host(operator, total), count
+
+
+# -- block-diagonal curvature -----------------------------------------------------
+
+
+def partitioned_block_rows(
+    operator: Any,
+    indices: tuple[np.ndarray, ...],
+    chunks: list[list[tuple[int, int, int]]],
+    dtype: Any,
+    progress: bool,
+) -> list[list[Any]] | None:
+    """The diagonal blocks of ``operator = H + mu I`` summed per partition.
+
+    ``None`` unless ``H`` is a :class:`PartitionedHessianOperator`. Each
+    worker reads its partition once and multiplies every batch by all the
+    column chunks of :func:`influx.solvers.block.factorise_blocks` (keeping
+    each block's own rows), so the fit makes one pass over the data instead
+    of one per chunk. Returns per block ``[A[b, b]]`` (``[P_b, P_b]``,
+    native, ``dtype``).
+    """
+    from influx.operators import split_shift
+
+    base, shift = split_shift(operator)
+    if not isinstance(base, PartitionedHessianOperator):
+        return None
+    base._check_loss_here()
+    xp = array_namespace(base.like)
+    name = _numpy_dtype_name(xp, dtype)
+    sums, count = base.executor.sum(
+        _block_task,
+        base.data.partitions,
+        base.data.model,
+        name,
+        base.curvature,
+        indices,
+        chunks,
+        progress=progress,
+        desc="Curvature blocks",
+    )
+    base.num_passes += 1
+    like = xp.astype(base.like, dtype)
+    rows = []
+    for total in sums:
+        block = total / count + shift * np.eye(total.shape[0], dtype=total.dtype)
+        rows.append([_native(base.model, block, like)])
+    return rows
+
+
+def _block_task(
+    partition: Partition,
+    model: Any,
+    dtype: str,
+    curvature: str,
+    indices: tuple[np.ndarray, ...],
+    chunks: list[list[tuple[int, int, int]]],
+) -> tuple[list[np.ndarray], int]:
+    """One partition's block sums ``sum_b n_b A_b[blk, blk]`` and point count."""
+    from influx.solvers.block import chunk_rows, chunk_vectors
+
+    operator = _worker_operator(model, partition, curvature)
+    like = operator.like
+    xp = array_namespace(like)
+    native_dtype = np.dtype(dtype) if operator.host else getattr(xp, dtype)
+    positions = xp.arange(operator.size, device=array_device(like))
+    sums: dict[tuple[int, int], Any] = {}
+    count = 0
+    for index, x, y in operator.reader:
+        n = int(x.shape[0])
+        for number, chunk in enumerate(chunks):
+            vectors = chunk_vectors(xp, indices, chunk, like, positions, native_dtype)
+            product = n * operator._batch_hvp(index, x, y, vectors, "the blocks")
+            for piece, (_, own) in enumerate(chunk_rows(xp, indices, chunk, product)):
+                key = (number, piece)
+                sums[key] = own if key not in sums else sums[key] + own
+        count += n
+    rows: list[list[Any]] = [[] for _ in indices]
+    for number, chunk in enumerate(chunks):
+        for piece, (block, _, _) in enumerate(chunk):
+            rows[block].append(sums.pop((number, piece)))
+    return [_to_host(operator, xp.concat(parts, axis=0)) for parts in rows], count
 
 
 # -- K-FAC and EK-FAC --------------------------------------------------------------

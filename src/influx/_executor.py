@@ -130,10 +130,15 @@ class DaskExecutor(Executor):
         try:
             done = as_completed(futures, with_results=True)
             for future, value in progress_iter(done, progress, desc, total=len(items)):
+                if future.status != "finished":  # cancelled (an error raises)
+                    raise RuntimeError(
+                        f"a task was {future.status} before it finished "
+                        f"({future.key}): the cluster dropped it. Run again."
+                    )
                 yield where[future.key], value
         except BaseException:
             # an error, or the caller stopped early: drop the tasks still queued
-            self.client.cancel(futures)
+            _cancel_pending(futures)
             raise
 
     def sum(
@@ -147,6 +152,7 @@ class DaskExecutor(Executor):
         from distributed import wait
 
         futures = self._submit(fn, items, shared)
+        submitted = list(futures)
         try:
             if progress:
                 # a bar over the leaves; the reduction after them is short
@@ -164,12 +170,25 @@ class DaskExecutor(Executor):
                 ]
                 if len(level) % 2:
                     pairs.append(level[-1])
+                submitted.extend(pairs)
                 level = pairs
             wait(level)
             return level[0].result()
         except BaseException:
-            self.client.cancel(futures)
+            _cancel_pending(submitted)
             raise
+
+
+def _cancel_pending(futures: Sequence[Any]) -> None:
+    """Cancel the tasks not finished yet (an erred or finished one is left alone).
+
+    Cancelling the keys of erred tasks whose dependants erred too trips an
+    assertion in the scheduler (distributed 2026.8) that leaves the client's
+    later tasks cancelled; those tasks are released with their futures.
+    """
+    pending = [future for future in futures if future.status == "pending"]
+    if pending:
+        pending[0].client.cancel(pending)
 
 
 def executor_for(client: Any) -> Executor:

@@ -17,6 +17,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
+from influx._distributed_fit import partitioned_block_rows
 from influx._memory import GIB, available_memory
 from influx._progress import progress_iter
 from influx.data import DataReader
@@ -209,23 +210,20 @@ def factorise_blocks(
     dtype = working_dtype(operator.like)
     itemsize = xp.finfo(dtype).bits // 8
     _check_blocks_fit([int(i.size) for i in indices], size, itemsize)
-    rows: list[list[Any]] = [[] for _ in indices]
     chunks = list(_column_chunks([int(i.size) for i in indices]))
-    like = operator.like
-    positions = xp.arange(size, device=array_device(like))
-    for chunk in progress_iter(chunks, progress, "Curvature blocks", total=len(chunks)):
-        columns = np.concatenate([indices[b][lo:hi] for b, lo, hi in chunk])
-        wanted = _like_index(xp, columns, like)
-        vectors = xp.astype(wanted[:, None] == positions[None, :], dtype)
-        product = operator.mv(vectors)  # [C, P]: row j is A e_{columns[j]}
-        start = 0
-        for b, lo, hi in chunk:
-            stop = start + hi - lo
-            where = _like_index(xp, indices[b], product)
-            own = xp.take(product[start:stop], where, axis=1)
-            rows[b].append(own)
-            start = stop
-        del product, vectors
+    # A distributed fit sums each partition's blocks in one pass on its worker.
+    rows = partitioned_block_rows(operator, indices, chunks, dtype, progress)
+    if rows is None:
+        rows = [[] for _ in indices]
+        like = operator.like
+        positions = xp.arange(size, device=array_device(like))
+        desc = "Curvature blocks"
+        for chunk in progress_iter(chunks, progress, desc, total=len(chunks)):
+            vectors = chunk_vectors(xp, indices, chunk, like, positions, dtype)
+            product = operator.mv(vectors)  # [C, P]: row j is A e_{columns[j]}
+            for b, own in chunk_rows(xp, indices, chunk, product):
+                rows[b].append(own)
+            del product, vectors
     blocks, messages = [], []
     direct = _direct.DirectSolver()
     for name, parts in zip(names, rows, strict=True):
@@ -256,6 +254,35 @@ def factorise_blocks(
             stacklevel=3,
         )
     return BlockState(names, indices, tuple(blocks), operator)
+
+
+def chunk_vectors(
+    xp: Any,
+    indices: tuple[np.ndarray, ...],
+    chunk: list[tuple[int, int, int]],
+    like: Any,
+    positions: Any,
+    dtype: Any,
+) -> Any:
+    """The identity columns of ``chunk`` as rows ``[C, P]`` (native, ``dtype``)."""
+    columns = np.concatenate([indices[b][lo:hi] for b, lo, hi in chunk])
+    wanted = _like_index(xp, columns, like)
+    return xp.astype(wanted[:, None] == positions[None, :], dtype)
+
+
+def chunk_rows(
+    xp: Any,
+    indices: tuple[np.ndarray, ...],
+    chunk: list[tuple[int, int, int]],
+    product: Any,
+) -> Any:
+    """Yield ``(block, rows)``: each block's own entries of ``product`` ``[C, P]``."""
+    start = 0
+    for b, lo, hi in chunk:
+        stop = start + hi - lo
+        where = _like_index(xp, indices[b], product)
+        yield b, xp.take(product[start:stop], where, axis=1)
+        start = stop
 
 
 def _column_chunks(sizes: list[int]) -> Any:
