@@ -142,21 +142,70 @@ def check_outputs(folder: Path, backend: str, k: int = 4) -> None:
     )
 
 
-def test_example_runs_in_process(backend_name: str, tmp_path: Path) -> None:
+def test_example_runs_in_process(
+    backend_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     job = write_job(tmp_path, example_config(backend_name))
     assert run_cli(job) == 0
+    check_outputs(tmp_path, backend_name)
+    assert len(list(tmp_path.glob("scores.fit-*.npz"))) == 1
+    (tmp_path / "scores.top_k.npz").unlink()
+    # again: every chunk is done, so no fit and no new run in the stores
+    monkeypatch.setattr(influx.Influence, "fit", None)
+    capsys.readouterr()
+    assert cli.main(["run", str(job)]) == 0
+    assert "nothing to compute" in capsys.readouterr().err
+    assert len(influx.open_results(tmp_path / "scores.zarr").runs) == 1
     check_outputs(tmp_path, backend_name)
 
 
 def test_example_runs_on_two_local_workers(backend_name: str, tmp_path: Path) -> None:
     pytest.importorskip("distributed")
-    config = example_config(backend_name, cluster={"local_workers": 2})
+    import zarr
+
+    # The factory's module lives in a folder only python_path names, and its
+    # loss is pickled by reference: the workers import that module through
+    # the job's worker plugin (they start with this process's sys.path).
+    extra = tmp_path / "factories"
+    extra.mkdir()
+    module = f"job_factory_{backend_name}_{os.getpid()}"
+    inner = {
+        "torch": "from torch.nn.functional import cross_entropy",
+        "jax": "from examples.jax.factory import cross_entropy",
+    }[backend_name]
+    (extra / f"{module}.py").write_text(
+        f"from examples.{backend_name}.factory import build as _build\n"
+        f"{inner}\n\n\n"
+        "def loss(predictions, targets):\n"
+        "    return cross_entropy(predictions, targets)\n\n\n"
+        "def build(**kwargs):\n"
+        "    return {**_build(**kwargs), 'loss': loss}\n"
+    )
+    config = example_config(
+        backend_name,
+        cluster={"local_workers": 2},
+        factory=f"{module}:build",
+        python_path=[str(ROOT), str(extra)],
+    )
     job = write_job(tmp_path, config)
     assert run_cli(job) == 0
+    assert str(extra) not in sys.path
+    check_outputs(tmp_path, backend_name)
+    # a rerun with a chunk of each store missing: the workers fill them from
+    # the loaded fit
+    for name in ("scores.zarr", "self.zarr"):
+        zarr.open_group(str(tmp_path / name), mode="r+")["done"][2] = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(influx.Influence, "fit", None)
+        assert run_cli(job) == 0
+    assert influx.open_results(tmp_path / "self.zarr").done.tolist() == [1, 1, 2]
     check_outputs(tmp_path, backend_name)
 
 
-def test_example_runs_as_a_command_and_resumes(backend_name: str, tmp_path: Path):
+def test_example_runs_as_a_command(backend_name: str, tmp_path: Path):
     job = write_job(tmp_path, example_config(backend_name))
     env = dict(os.environ)
     paths = [str(ROOT / "src"), str(ROOT / "backends")]
@@ -199,6 +248,7 @@ def test_dry_run_prints_the_plan_and_computes_nothing(
         "[5, 60]",
         "[60]",
         "new",
+        "fit          ekfac on the training data, saved to",
     ):
         assert text in out, text
     assert not (tmp_path / "scores.zarr").exists()
@@ -237,8 +287,12 @@ def test_dry_run_counts_chunks_done_and_a_rerun_resumes(
     scores_state = plan.stores[0][1]
     assert (scores_state.chunks, scores_state.done) == (3, 2)
     assert "2 of 3 chunks done, 1 to compute" in str(plan)
+    assert plan.fit.startswith("loaded from") and "scores.fit-" in plan.fit
     assert plan.stores[1][1].status() == "complete (3 of 3 chunks done)"
-    assert run_cli(job_path) == 0
+    # the rerun loads the first run's fit (fitting again would fail here)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(influx.Influence, "fit", None)
+        assert run_cli(job_path) == 0
     scores = influx.open_results(tmp_path / "scores.zarr")
     assert [run["number"] for run in scores.runs] == [1, 2]
     assert scores.done.tolist() == [1, 2, 1]  # run 2 computed chunk 1 only
@@ -257,6 +311,7 @@ def test_store_of_another_job_is_refused_before_any_work(
     assert run_cli(job_path) == 0
     before = influx.open_results(tmp_path / "scores.zarr")
     stored = np.asarray(before.scores[:])
+    (first_fit,) = (path.name for path in tmp_path.glob("scores.fit-*.npz"))
     other = example_config(backend_name, influence={"hessian_regularization": 0.1})
     write_job(tmp_path, other)
 
@@ -281,6 +336,8 @@ def test_store_of_another_job_is_refused_before_any_work(
     replaced = influx.open_results(tmp_path / "scores.zarr")
     assert replaced.fingerprint["hessian_regularization"] == 0.1
     assert [run["number"] for run in replaced.runs] == [1]
+    fits = list(tmp_path.glob("scores.fit-*.npz"))
+    assert len(fits) == 1 and fits[0].name != first_fit
 
 
 def test_a_path_that_is_no_store_is_never_touched(tmp_path, capsys) -> None:
@@ -310,6 +367,12 @@ def returns_no_test(**kwargs: Any) -> dict[str, Any]:
 def returns_bad_train(**kwargs: Any) -> dict[str, Any]:
     built = importlib.import_module(f"examples.{any_backend()}.factory").build(**SMALL)
     built["train"] = "train.csv"
+    return built
+
+
+def returns_a_source(**kwargs: Any) -> dict[str, Any]:
+    built = importlib.import_module(f"examples.{any_backend()}.factory").build(**SMALL)
+    built["train"] = influx.ArraySource(*built["train"], batch_size=30)
     return built
 
 
@@ -376,6 +439,12 @@ def test_factory_errors(tmp_path, capsys) -> None:
     expect_error(tmp_path, capsys, config, "'train' must be a pair (x, y)")
     config = example_config(backend, factory_args={"n_trian": 5})
     expect_error(tmp_path, capsys, config, "does not take the [factory_args]")
+    config = example_config(backend, factory="test_job:returns_a_source")
+    expect_error(
+        tmp_path, capsys, config, "is an influx Source", "batch_size, partition_size"
+    )
+    config = example_config(backend, python_path=["no/such/folder"])
+    expect_error(tmp_path, capsys, config, "python_path entry 'no/such/folder'")
 
 
 def test_backend_errors(tmp_path, capsys, monkeypatch) -> None:
@@ -413,6 +482,10 @@ def test_method_errors(tmp_path, capsys) -> None:
     expect_error(tmp_path, capsys, config, "'fishr'", "Valid options: fisher")
     config = example_config(any_backend(), influence={"hessian_regularization": -1})
     expect_error(tmp_path, capsys, config, "hessian_regularization must be")
+    config = example_config(any_backend(), influence={"curvature": "fisher"})
+    expect_error(tmp_path, capsys, config, "curvature must be one of 'hessian'")
+    config = example_config(any_backend(), data={"partition_size": 25})
+    expect_error(tmp_path, capsys, config, "must be a multiple of batch_size = 10")
 
 
 def test_cluster_errors(tmp_path, capsys) -> None:
@@ -426,3 +499,14 @@ def test_cluster_errors(tmp_path, capsys) -> None:
         any_backend(), cluster={"scheduler": address, "local_workers": 2}
     )
     expect_error(tmp_path, capsys, config, "both scheduler and local_workers")
+
+
+def test_dry_run_counts_the_workers_of_a_scheduler(
+    backend_name: str, tmp_path: Path, dask_client: Any
+) -> None:
+    address = dask_client.scheduler.address
+    config = example_config(backend_name, cluster={"scheduler": address})
+    plan = run_job(load_job(write_job(tmp_path, config)), dry_run=True).plan
+    assert plan.workers == 2
+    assert f"cluster      scheduler {address}, 2 workers" in str(plan)
+    assert not (tmp_path / "scores.zarr").exists()

@@ -56,8 +56,24 @@ The factory contract: ``factory`` is ``"module:function"``, importable from
 
 The factory runs once, on the client. Workers receive the wrapped model by
 pickling, so a custom module class or loss function must be importable on them
-too (a :class:`~dask.distributed.LocalCluster` started by the job gets the
-job's ``python_path`` and working directory on its path).
+too: the job puts its ``python_path`` folders and the working directory first
+on every worker's ``sys.path`` (a worker plugin, so also on workers that
+replace lost ones), which serves a local cluster, and a scheduler's workers
+when they see the same file system.
+
+Running a job again resumes it: the stores record which chunks are done, so
+only the missing ones are computed. The fitted state is saved next to the
+scores store (``scores.fit-<hash>.npz``, see :meth:`influx.Influence.save`;
+the hash is the scores' fingerprint), and a rerun loads it instead of fitting
+again (direct, arnoldi, block, kfac, ekfac; cg and lissa fit again). When
+every chunk is done nothing runs, and only the top-k is read again from the
+scores. The saved fit also serves later queries: ``influx.Influence.load(path,
+model)``.
+
+A store that holds another job's results (another model, method, lambda,
+data) is refused unless ``overwrite = true``. Stores and the top-k file are
+written by the client process and, for stores, by the workers: on a cluster
+the paths must be on a file system they share.
 
 Everything is checked before any work and before any store is opened for
 writing: unknown keys, the factory and what it returns, the backend, the
@@ -70,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import math
 import os
 import sys
@@ -81,6 +98,16 @@ from typing import Any
 
 import numpy as np
 
+from influx._job_cluster import connect
+from influx._job_plan import (
+    FIT_INFIX,
+    REUSABLE_FITS,
+    Plan,
+    StoreState,
+    fingerprints,
+    fit_path,
+    make_plan,
+)
 from influx.errors import InputError
 
 __all__ = [
@@ -144,51 +171,6 @@ class JobError(InputError):
 
 
 # -- the parsed job -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoreState:
-    """What an output path holds before the run.
-
-    Attributes
-    ----------
-    path
-        The store's path.
-    exists
-        Whether something is at the path.
-    chunks
-        Chunks of the result (along the training points).
-    done
-        Chunks an earlier run of this job finished (0 for a new store or one
-        that will be overwritten).
-    replaced
-        Whether the run deletes what is there (``overwrite``).
-    problem
-        Why the run cannot use the path (a store of another job, something
-        that is not a store), or ``None``.
-    """
-
-    path: Path
-    exists: bool
-    chunks: int
-    done: int
-    replaced: bool = False
-    problem: str | None = None
-
-    def status(self) -> str:
-        """One line: new, replaced, complete, partly done, or the problem."""
-        if self.problem is not None:
-            return f"ERROR: {self.problem}"
-        if self.replaced:
-            return "exists, replaced ([output] overwrite = true)"
-        if not self.exists:
-            return "new"
-        if self.done == self.chunks:
-            return f"complete ({self.done} of {self.chunks} chunks done)"
-        return (
-            f"{self.done} of {self.chunks} chunks done, "
-            f"{self.chunks - self.done} to compute"
-        )
 
 
 @dataclass
@@ -268,7 +250,7 @@ class Job:
     @property
     def num_test(self) -> int:
         """``N_test``."""
-        return _num_samples(self.test)
+        return int(self.test.num_samples)
 
     def plan(self, workers: int | None = None) -> Plan:
         """The job's sizes, chunks and memory, without computing anything.
@@ -278,71 +260,7 @@ class Job:
         workers
             Workers of a connected cluster, when known.
         """
-        return _plan(self, workers)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a job will do: sizes, chunks, stores and memory per worker.
-
-    ``str(plan)`` is the report ``influx run --dry-run`` prints. Byte counts
-    use the model's dtype.
-    """
-
-    job: Path
-    backend: str
-    factory: str
-    num_params: int
-    dtype: str
-    method: str
-    curvature: str
-    hessian_regularization: float
-    options: dict[str, Any]
-    num_train: int
-    num_test: int
-    batch_size: int
-    partition_size: int
-    chunk_widths: list[int]
-    cluster: str
-    workers: int | None
-    stores: list[tuple[str, StoreState, tuple[int, ...]]]
-    top_k: int | None
-    result_bytes: int
-    memory: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def memory_per_worker(self) -> int:
-        """Estimated bytes a worker holds at once."""
-        return sum(self.memory.values())
-
-    def __str__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        lines = [
-            f"job          {self.job}",
-            f"backend      {self.backend} (factory {self.factory})",
-            f"model        P = {self.num_params:,} parameters, {self.dtype}",
-            f"method       {self.method}, curvature {self.curvature}, lambda = "
-            f"{self.hessian_regularization:g}" + (f", {options}" if options else ""),
-            f"data         N_train = {self.num_train:,}, N_test = {self.num_test:,}, "
-            f"batch {self.batch_size}",
-            f"partitions   {len(self.chunk_widths)}: {_widths(self.chunk_widths)} "
-            "points (one task and one store chunk each)",
-            f"cluster      {self.cluster}",
-        ]
-        for name, state, shape in self.stores:
-            lines.append(
-                f"{name:<12} {state.path}  {list(shape)}  "
-                f"{_bytes(math.prod(shape) * _itemsize(self.dtype))}  "
-                f"{state.status()}"
-            )
-        if self.top_k is not None:
-            lines.append(f"top_k        k = {self.top_k} per test point (from scores)")
-        lines.append(f"result size  {_bytes(self.result_bytes)}")
-        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in self.memory.items())
-        lines.append(
-            f"memory       about {_bytes(self.memory_per_worker)} per worker ({parts})"
-        )
-        return "\n".join(lines)
+        return make_plan(self, workers)
 
 
 @dataclass
@@ -430,20 +348,44 @@ def load_job(path: str | os.PathLike[str]) -> Job:
             "different paths."
         )
 
-    # the method and its options need no model: checked before the factory runs
+    if partition_size is not None and partition_size % batch_size:
+        raise where.error(
+            f"[data] partition_size = {partition_size} must be a multiple of "
+            f"batch_size = {batch_size} (partitions hold whole batches): use "
+            f"{batch_size * max(1, partition_size // batch_size)}."
+        )
+    # the method, its options and the curvature's name need no model: checked
+    # before the factory runs
+    from influx.operators import CURVATURES
     from influx.solvers import make_solver
 
     try:
         make_solver(influence["method"], **influence.get("options", {}))
     except (InputError, TypeError, ValueError) as error:
         raise where.error(f"[influence]: {error}") from None
+    curvature = influence.get("curvature")
+    if curvature is not None and curvature.strip().lower() not in CURVATURES:
+        raise where.error(
+            f"[influence] curvature must be one of {', '.join(map(repr, CURVATURES))}"
+            f", got {curvature!r}."
+        )
     python_path = _python_path(config.get("python_path", []), where)
     built = _call_factory(
         config["factory"], config.get("factory_args", {}), python_path, where
     )
     model = _wrap(built, backend, config["factory"], where)
-    train = _source(built["train"], "train", batch_size, partition_size, where)
-    test = _test_data(built["test"], test_batch_size, where)
+    train = _source(
+        built["train"],
+        "train",
+        batch_size,
+        partition_size,
+        where,
+        data,
+        ("batch_size", "partition_size"),
+    )
+    test = _source(
+        built["test"], "test", test_batch_size, None, where, data, ("test_batch_size",)
+    )
     job = Job(
         path=file,
         config=config,
@@ -698,10 +640,27 @@ def _wrap(built: dict[str, Any], backend: str, spec: str, where: _Where) -> Any:
         ) from None
 
 
-def _source(value: Any, name: str, batch_size: int, partition_size: Any, where: _Where):
+def _source(
+    value: Any,
+    name: str,
+    batch_size: int,
+    partition_size: Any,
+    where: _Where,
+    data: dict[str, Any],
+    keys: tuple[str, ...],
+) -> Any:
+    """The factory's ``name`` data as a Source (arrays: an ArraySource)."""
     from influx.sources import ArraySource, Source
 
     if isinstance(value, Source):
+        given = [key for key in keys if key in data]
+        if given:
+            raise where.error(
+                f"the factory's {name!r} is an influx Source, which has its own "
+                f"batch and partition sizes ({value!r}), but [data] sets "
+                f"{', '.join(given)} for it: remove them from [data], or return "
+                "arrays (x, y) from the factory."
+            )
         return value
     if not isinstance(value, tuple | list) or len(value) != 2:
         raise where.error(
@@ -714,249 +673,6 @@ def _source(value: Any, name: str, batch_size: int, partition_size: Any, where: 
         )
     except (InputError, TypeError) as error:
         raise where.error(f"the factory's {name!r} data: {error}") from None
-
-
-def _test_data(value: Any, batch_size: int, where: _Where) -> Any:
-    return _source(value, "test", batch_size, None, where)
-
-
-def _num_samples(data: Any) -> int:
-    return int(data.num_samples)
-
-
-# -- the plan -------------------------------------------------------------------
-
-
-def _itemsize(dtype: str) -> int:
-    try:
-        return int(np.dtype(dtype).itemsize)
-    except TypeError:
-        return 4
-
-
-def _dtype_name(model: Any) -> str:
-    return str(model.dtype).rsplit(".", 1)[-1]
-
-
-def _bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"  # pragma: no cover
-
-
-def _widths(widths: list[int]) -> str:
-    """``[4, 4, 2]`` as ``"2 x 4 + 1 x 2"``."""
-    counts: dict[int, int] = {}
-    for width in widths:
-        counts[width] = counts.get(width, 0) + 1
-    return " + ".join(f"{n} x {w}" for w, n in counts.items())
-
-
-def _state_entries(job: Any, model: Any) -> int:
-    """Entries of the method's fitted state (held by each worker that scores it)."""
-    method = str(job.method).strip().lower()
-    options = job.options
-    num_params = int(model.num_params)
-    if method == "direct":
-        return num_params * num_params
-    if method == "arnoldi":
-        rank = int(options.get("rank_estimate", 10))
-        return rank * (num_params + 1)
-    if method in ("kfac", "ekfac", "block"):
-        groups = _layer_shapes(job, model)
-        if groups is None:
-            return num_params
-        total = 0
-        for d_out, d_a, size in groups:
-            if method == "block" or d_out is None:
-                total += size * size
-            else:
-                total += d_out * d_out + d_a * d_a + d_out + d_a
-                if method == "ekfac":
-                    total += d_out * d_a
-        return total
-    return 0  # cg, lissa: Hessian-vector products, no stored matrix
-
-
-def _layer_shapes(job: Any, model: Any) -> list[tuple[Any, Any, int]] | None:
-    """``(d_out, d_a, size)`` of each layer (``None, None, size``: other groups)."""
-    from influx.layers import has_layers, parameter_groups
-
-    try:
-        if has_layers(model) and hasattr(model, "find_layers"):
-            x, _ = job.train[0]
-            model.find_layers(model.backend.asarray(x, like=model.parameters))
-        shapes: list[tuple[Any, Any, int]] = []
-        layers = list(model.layers) if has_layers(model) else []
-        for layer in layers:
-            shapes.append((layer.d_out, layer.d_a, layer.num_params))
-        named = {layer.name for layer in layers}
-        for name, index in parameter_groups(model):
-            if name not in named:
-                shapes.append((None, None, int(index.size)))
-        return shapes
-    except Exception:
-        return None
-
-
-def _plan(job: Job, workers: int | None) -> Plan:
-    from influx.attribution import Influence
-
-    model = job.model
-    influence: Influence = job.influence()
-    dtype = _dtype_name(model)
-    itemsize = _itemsize(dtype)
-    num_params = int(model.num_params)
-    num_train = int(job.train.num_samples)
-    num_test = job.num_test
-    widths = [p.num_samples for p in job.train.partitions]
-    wanted = _fingerprints(job, influence)
-    stores = [
-        (
-            "scores",
-            _store_state(job, job.scores, wanted["scores"], len(widths)),
-            (num_test, num_train),
-        )
-    ]
-    if job.self_influence is not None:
-        state = _store_state(job, job.self_influence, wanted["self"], len(widths))
-        stores.append(("self", state, (num_train,)))
-    result = sum(math.prod(shape) for _, _, shape in stores) * itemsize
-    batch = int(job.train.batch_size)
-    memory = {
-        "model": num_params * itemsize,
-        "factors": num_test * num_params * itemsize,
-        "gradients": batch * num_params * itemsize,
-        "block": num_test * max(widths) * itemsize,
-        "state": _state_entries(job, model) * itemsize,
-    }
-    if job.scheduler is not None:
-        cluster = f"scheduler {job.scheduler}" + (
-            f", {workers} workers" if workers is not None else ""
-        )
-    elif job.local_workers is not None:
-        cluster = (
-            f"local cluster of {job.local_workers} worker processes "
-            f"({job.threads_per_worker} thread{'s' * (job.threads_per_worker > 1)} "
-            "each)"
-        )
-        workers = job.local_workers
-    else:
-        cluster = "this process"
-    return Plan(
-        job=job.path,
-        backend=job.backend,
-        factory=job.factory,
-        num_params=num_params,
-        dtype=dtype,
-        method=influence.method,
-        curvature=influence.curvature,
-        hessian_regularization=job.hessian_regularization,
-        options=job.options,
-        num_train=num_train,
-        num_test=num_test,
-        batch_size=batch,
-        partition_size=int(job.train.partition_size),
-        chunk_widths=widths,
-        cluster=cluster,
-        workers=workers,
-        stores=stores,
-        top_k=job.top_k,
-        result_bytes=result,
-        memory=memory,
-    )
-
-
-def _fingerprints(job: Job, influence: Any) -> dict[str, dict[str, Any]]:
-    """The fingerprints the job's stores will carry, known before the fit.
-
-    The same as :meth:`influx.Influence.influences` and
-    :meth:`~influx.Influence.self_influence` compute when they open a store,
-    with the number of training points (``N``, known once fitted) filled in.
-    """
-    import warnings
-
-    from influx._distributed_scoring import (
-        _result_dtype,
-        digest_test_data,
-        fingerprint,
-        plan_chunks,
-    )
-
-    model = influence.model
-    chunks = plan_chunks(job.train, "input_data")
-    dtype = _result_dtype(model)
-    test = digest_test_data(model, job.test)
-    up = {
-        "query": "influences",
-        "influence_type": "up",
-        "by_layer": False,
-        "measurement": None,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an unseeded method: warned by the run
-        found = {
-            "scores": fingerprint(
-                influence, up, chunks, (test[0], chunks.num_points), dtype, test
-            ),
-            "self": fingerprint(
-                influence,
-                {"query": "self_influence"},
-                chunks,
-                (chunks.num_points,),
-                dtype,
-                None,
-            ),
-        }
-    for value in found.values():
-        value["num_training_samples"] = int(job.train.num_samples)
-    return found
-
-
-def _store_state(
-    job: Job, path: Path, wanted: dict[str, Any], chunks: int
-) -> StoreState:
-    """What ``path`` holds, and whether this job may use it.
-
-    Mirrors the store's own checks, so that they fail here, before any work.
-    """
-    from influx._store import _differences, _is_zarr, _read, fingerprint_hash
-
-    target = str(path)
-    if not os.path.lexists(target):
-        return StoreState(path, False, chunks, 0)
-    group, header = _read(target)
-    if header is None:
-        if path.is_dir() and not any(path.iterdir()):
-            return StoreState(path, False, chunks, 0)
-        if job.overwrite and _is_zarr(target):
-            return StoreState(path, True, chunks, 0, replaced=True)
-        return StoreState(
-            path,
-            True,
-            chunks,
-            0,
-            problem=f"{path} exists and is not an influx results store: influx "
-            "never deletes it; move it, or name another path in [output].",
-        )
-    if job.overwrite:
-        return StoreState(path, True, chunks, 0, replaced=True)
-    if header.get("fingerprint_sha256") != fingerprint_hash(wanted):
-        differences = "; ".join(_differences(header["fingerprint"], wanted))
-        return StoreState(
-            path,
-            True,
-            chunks,
-            0,
-            problem=f"{path} holds the results of another job ("
-            + (differences or "its fingerprint differs")
-            + "): set [output] overwrite = true to replace it, or name another "
-            "path.",
-        )
-    done = int(np.count_nonzero(np.asarray(group["done"][:])))
-    return StoreState(path, True, chunks, done)
 
 
 # -- running --------------------------------------------------------------------
@@ -991,7 +707,7 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
     if dry_run:
         workers = None
         if job.scheduler is not None:
-            with _client(job) as client:
+            with connect(job) as client:
                 workers = len(client.scheduler_info().get("workers", {}))
         plan = job.plan(workers)
         _check_stores(plan)
@@ -1000,16 +716,43 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
     _check_stores(plan)
     seconds: dict[str, float] = {}
     result = JobResult(plan=plan, seconds=seconds)
-    with _client(job) as client:
+    if all(state.complete for _, state, _ in plan.stores):
+        # nothing to compute: no cluster, no fit
+        from influx._store import open_results
+
+        say("every chunk of every store is done: nothing to compute")
+        result.scores = open_results(job.scores).scores
+        if job.self_influence is not None:
+            result.self_influence = open_results(job.self_influence).scores
+    else:
+        _compute(job, plan, result, say, progress)
+    if job.top_k is not None:
+        start = time.perf_counter()
+        target = job.top_k_path
+        say(f"top-k: k = {job.top_k} from the scores -> {target}")
+        values, indices = top_k_of_store(result.scores, job.top_k, progress=progress)
+        partial = target.with_name(target.name + ".partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, values=values, indices=indices)
+        os.replace(partial, target)
+        result.top_k = (values, indices)
+        seconds["top_k"] = time.perf_counter() - start
+        for row in range(min(3, values.shape[0])):
+            say(f"  test point {row}: training points {indices[row].tolist()}")
+    say("done: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return result
+
+
+def _compute(job: Job, plan: Plan, result: JobResult, say: Any, progress: bool):
+    """Fit, then fill the stores (their missing chunks), on the job's cluster."""
+    seconds = result.seconds
+    with connect(job) as client:
         if client is not None:
             workers = len(client.scheduler_info().get("workers", {}))
             say(f"cluster: {client.scheduler.address}, {workers} workers")
-        influence = job.influence(progress=progress)
         extra = {} if client is None else {"client": client}
-
         start = time.perf_counter()
-        say(f"fit: {plan.method} on {plan.num_train} training points")
-        influence.fit(job.train, **extra)
+        influence = _fitted(job, plan, extra, say, progress)
         seconds["fit"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -1030,18 +773,33 @@ def run_job(job: Job, *, dry_run: bool = False, progress: bool = True) -> JobRes
             )
             seconds["self_influence"] = time.perf_counter() - start
 
-    if job.top_k is not None:
-        start = time.perf_counter()
-        target = job.top_k_path
-        say(f"top-k: k = {job.top_k} from the scores -> {target}")
-        values, indices = top_k_of_store(result.scores, job.top_k, progress=progress)
-        np.savez(target, values=values, indices=indices)
-        result.top_k = (values, indices)
-        seconds["top_k"] = time.perf_counter() - start
-        for row in range(min(3, values.shape[0])):
-            say(f"  test point {row}: training points {indices[row].tolist()}")
-    say("done: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return result
+
+def _fitted(
+    job: Job, plan: Plan, extra: dict[str, Any], say: Any, progress: bool
+) -> Any:
+    """The job's fitted Influence: loaded from an earlier run's file, or fitted.
+
+    A new fit is saved (written to a temporary file, then renamed: a killed
+    run leaves no partial file) and replaces older fits of the scores store.
+    """
+    from influx.attribution import Influence
+
+    influence = job.influence(progress=progress)
+    path = fit_path(job, fingerprints(job, influence)["scores"])
+    stem = job.scores.stem + FIT_INFIX
+    if influence.method in REUSABLE_FITS and path.exists() and not job.overwrite:
+        say(f"fit: loading {path.name}, saved by an earlier run of this job")
+        return Influence.load(path, job.model, job.train, progress=progress)
+    say(f"fit: {plan.method} on {plan.num_train} training points")
+    influence.fit(job.train, **extra)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        influence.save(handle)
+    os.replace(partial, path)
+    for old in job.scores.parent.glob(f"{glob.escape(stem)}*.npz"):
+        if old != path:
+            old.unlink()
+    return influence
 
 
 def _check_stores(plan: Plan) -> None:
@@ -1091,78 +849,3 @@ def _printer(enabled: bool):
             print(f"influx run: {message}", file=sys.stderr, flush=True)
 
     return say
-
-
-@contextlib.contextmanager
-def _client(job: Job) -> Iterator[Any]:
-    """The job's dask client (``None``: this process), closed on exit."""
-    if job.scheduler is None and job.local_workers is None:
-        yield None
-        return
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError as error:
-        raise JobError(
-            f"{job.path}: [cluster] needs dask.distributed ({error}): pip install "
-            '"influx[dask]".'
-        ) from None
-    if job.scheduler is not None:
-        try:
-            client = Client(job.scheduler, timeout=job.timeout)
-        except (OSError, TimeoutError) as error:
-            raise JobError(
-                f"{job.path}: cannot reach the scheduler [cluster] scheduler = "
-                f"{job.scheduler!r} within {job.timeout:g} s ({error}). Check the "
-                "address and that the scheduler runs, or raise [cluster] timeout."
-            ) from None
-        with client:
-            client.register_plugin(_path_plugin(job.python_path))
-            yield client
-        return
-    # Local workers are spawned with this process's sys.path (an environment
-    # PYTHONPATH would come too late); the plugin adds the job's folders, also
-    # to workers that replace lost ones.
-    env = {"JAX_ENABLE_X64": "1"} if job.backend == "jax" and _jax_x64() else {}
-    with (
-        LocalCluster(
-            n_workers=job.local_workers,
-            threads_per_worker=job.threads_per_worker,
-            processes=True,
-            dashboard_address=":0",  # any free port (None still tries 8787)
-            worker_dashboard_address=None,
-            silence_logs=40,
-            env=env,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        client.register_plugin(_path_plugin(job.python_path))
-        yield client
-
-
-def _path_plugin(folders: tuple[str, ...]) -> Any:
-    """A worker plugin putting ``folders`` first on each worker's ``sys.path``.
-
-    So that the workers import the factory's module (a custom model class or
-    loss pickled by reference) as the client did.
-    """
-    from distributed import WorkerPlugin
-
-    class ImportPath(WorkerPlugin):  # pickled by value (cloudpickle)
-        name = "influx-job-python-path"
-
-        def __init__(self, folders: list[str]) -> None:
-            self.folders = folders
-
-        def setup(self, worker: Any) -> None:
-            import sys
-
-            for folder in reversed(self.folders):
-                if folder not in sys.path:
-                    sys.path.insert(0, folder)
-
-    return ImportPath(list(folders))
-
-
-def _jax_x64() -> bool:
-    jax = sys.modules.get("jax")
-    return bool(jax is not None and jax.config.jax_enable_x64)
