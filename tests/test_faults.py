@@ -418,11 +418,17 @@ def test_job_wrong_backend(backend_name, tmp_path, job_store, capsys):
 def test_job_unreachable_scheduler(backend_name, tmp_path, job_store, capsys):
     store, before = job_store
     address = f"tcp://127.0.0.1:{_closed_port()}"
-    cluster = f'[cluster]\nscheduler = "{address}"\ntimeout = 2\n'
+    # the scores are done; a self-influence store still to compute needs the
+    # cluster (a job with nothing left to compute connects to none)
+    extra = f'self_influence = "self.zarr"\n[cluster]\nscheduler = "{address}"\n'
     job = _job_file(
-        tmp_path, backend_name, f"fault_support:job_{backend_name}", cluster
+        tmp_path,
+        backend_name,
+        f"fault_support:job_{backend_name}",
+        extra + "timeout = 2\n",
     )
     start = time.monotonic()
     _run_fails(job, capsys, address)
     assert time.monotonic() - start < 20
     assert fs.file_states(store) == before
+    assert not (tmp_path / "self.zarr").exists()
