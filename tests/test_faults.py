@@ -15,7 +15,6 @@ worker of the shared one would disturb other tests.
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import socket
@@ -36,11 +35,6 @@ import influx
 
 pytest.importorskip("distributed")
 pytest.importorskip("zarr")
-
-needs_client = pytest.mark.skipif(
-    "client" not in inspect.signature(influx.Influence.influences).parameters,
-    reason="needs influences(..., client=) (issue 10, branch h1-scoring)",
-)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -126,7 +120,6 @@ def _worker_reads(logs: Path) -> int:
     return sum(1 for pid, _, _ in fs.read_log(logs) if pid != os.getpid())
 
 
-@needs_client
 def test_worker_killed_mid_run(backend_name, tmp_path):
     """A worker killed mid-fit, then another one mid-scoring: both complete."""
     from distributed import Client, LocalCluster
@@ -243,7 +236,6 @@ def _client_run(store: Path, logs: Path, backend_name: str, delay: float):
     )
 
 
-@needs_client
 def test_client_killed_then_resumed(backend_name, tmp_path):
     if backend_name == "jax" and _has("torch"):
         pytest.skip("one backend is enough here (the slowest test): torch")
@@ -319,7 +311,6 @@ def test_client_killed_then_resumed(backend_name, tmp_path):
 # -- bad input: refused before any work, the store untouched ------------------
 
 
-@needs_client
 def test_store_of_another_job_refused(backend_name, dask_client, tmp_path):
     store, logs = tmp_path / "scores.zarr", tmp_path / "logs"
     logs.mkdir()
@@ -372,7 +363,6 @@ def _job_file(tmp_path: Path, backend: str, factory: str, cluster: str = "") -> 
 @pytest.fixture
 def job_store(backend_name, tmp_path):
     """A finished job's store at ``tmp_path/scores.zarr``, and its file states."""
-    pytest.importorskip("influx.job")
     from influx.cli import main
 
     job = _job_file(tmp_path, backend_name, f"fault_support:job_{backend_name}")
