@@ -29,6 +29,7 @@ Run it on a quiet machine, lowered in priority::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -322,6 +323,7 @@ def run_distributed(
     from distributed import Client, LocalCluster
 
     import influx
+    from influx._job_cluster import without_malloc_trim
 
     pin_threads()
     x_path, y_path, x_test, y_test = paths
@@ -339,7 +341,12 @@ def run_distributed(
         "silence_logs": 40,
         "env": env,
     }
-    with LocalCluster(**cluster_options) as cluster, Client(cluster) as client:
+    # influx run's setting (glibc's adaptive mmap threshold kept in the
+    # workers); --dask-malloc-trim measures dask's default instead
+    malloc = (
+        contextlib.nullcontext() if args.dask_malloc_trim else without_malloc_trim()
+    )
+    with malloc, LocalCluster(**cluster_options) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
         client.run(_worker_setup, args.backend, args.dtype)
         overheads = calibrate(client, workers, (args.n_test, args.partition_size))
@@ -653,6 +660,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--repeats", type=int, default=1, help="the summary keeps the best"
     )
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--dask-malloc-trim",
+        action="store_true",
+        help="start workers with dask's MALLOC_TRIM_THRESHOLD_ (its default; "
+        "influx run starts them without it)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--predict",
@@ -696,6 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
             "partition_size": args.partition_size,
             "repeats": args.repeats,
             "distributed_fit": _fit_takes_client(),
+            "dask_malloc_trim": args.dask_malloc_trim,
         },
         "machine": {
             "cpus": os.cpu_count(),

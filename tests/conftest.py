@@ -93,7 +93,13 @@ def dask_client():
     pytest.importorskip("distributed")
     from distributed import Client, LocalCluster
 
-    with LocalCluster(**local_cluster_options(2)) as cluster, Client(cluster) as client:
+    from influx._job_cluster import without_malloc_trim
+
+    with (
+        without_malloc_trim(),
+        LocalCluster(**local_cluster_options(2)) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
