@@ -131,10 +131,12 @@ def test_float32_fit_equals_single_process(
     _close(there.factors(test), here.factors(test), "float32")
 
 
-def test_factory_source_and_work_on_both_workers(dask_client: Any) -> None:
+def test_factory_source_and_work_on_both_workers(
+    backend_name: str, dask_client: Any
+) -> None:
     from distributed import get_task_stream
 
-    model, _, test = _problem("torch")
+    model, _, test = _problem(backend_name)
     train = influx.FactorySource(
         "test_distributed_fit:training_arrays",
         batch_size=BATCH,
@@ -157,8 +159,8 @@ def test_in_process_executor_takes_the_same_path(backend_name: str) -> None:
     _close(there.factors(test), here.factors(test))
 
 
-def test_lissa_same_seed_same_result(dask_client: Any) -> None:
-    model, train, test = _problem("torch")
+def test_lissa_same_seed_same_result(backend_name: str, dask_client: Any) -> None:
+    model, train, test = _problem(backend_name)
     options = {"seed": 7, "maxiter": 30, "rtol": 0.05}
     first = influx.Influence(model, "lissa", 1.0, **options).fit(
         train, client=dask_client
@@ -171,8 +173,10 @@ def test_lissa_same_seed_same_result(dask_client: Any) -> None:
     )
 
 
-def test_error_in_a_partition_names_its_global_batch(dask_client: Any) -> None:
-    model, _, _ = _problem("torch")
+def test_error_in_a_partition_names_its_global_batch(
+    backend_name: str, dask_client: Any
+) -> None:
+    model, _, _ = _problem(backend_name)
     x, y = training_arrays()
     x[29, 1] = np.nan  # partition 2, global batch 7
     train = influx.ArraySource(x, y, batch_size=BATCH, partition_size=PARTITION)
@@ -183,7 +187,7 @@ def test_error_in_a_partition_names_its_global_batch(dask_client: Any) -> None:
 
 
 def test_loss_convention_checked_on_the_client() -> None:
-    import torch
+    torch = pytest.importorskip("torch")
 
     x, y = training_arrays()
     network = torch.nn.Linear(3, 2, dtype=torch.float64)
@@ -196,8 +200,8 @@ def test_loss_convention_checked_on_the_client() -> None:
             influx.Influence(model, method, REG).fit(train, client=LocalExecutor())
 
 
-def test_client_needs_a_source() -> None:
-    model, train, _ = _problem("torch")
+def test_client_needs_a_source(backend_name: str) -> None:
+    model, train, _ = _problem(backend_name)
     with pytest.raises(influx.InputError, match=r"influx\.ArraySource"):
         influx.Influence(model, "direct", REG).fit(list(train), client=LocalExecutor())
     with pytest.raises(TypeError, match=r"dask\.distributed\.Client"):
