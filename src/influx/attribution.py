@@ -225,7 +225,7 @@ class Influence:
 
     # -- fitting -------------------------------------------------------------
 
-    def fit(self, training_data: Any, client: Any = None) -> Influence:
+    def fit(self, training_data: Any, *, client: Any = None) -> Influence:
         """Build the Hessian operator on ``training_data`` and run the solver's init.
 
         Parameters
@@ -508,8 +508,9 @@ class Influence:
         data
             Re-iterable of ``(x, y)`` batches, ``N`` points, read in order.
         out
-            ``None``, a host array ``[N]``, or the path of a resumable zarr
-            store (see :meth:`influences`).
+            ``None``, or the path of a resumable zarr store (see
+            :meth:`influences`); with a ``client``, also a host array ``[N]``
+            that the workers' blocks are copied into.
         client
             A ``dask.distributed.Client``: ``data`` must then be a source
             (:class:`influx.ArraySource`, :class:`influx.FactorySource`); the
