@@ -128,16 +128,23 @@ def test_memmap_slices_keep_their_offset(tmp_path: Path) -> None:
     np.testing.assert_array_equal(copy[0][0], np.asarray(raw[1:5]))
 
 
+def _zarr_array(zarr: Any, path: Path, data: np.ndarray, chunks: tuple) -> Any:
+    """A zarr array on disk holding ``data`` (zarr 2 and 3 alike)."""
+    array = zarr.open(
+        str(path), mode="w", shape=data.shape, chunks=chunks, dtype=data.dtype
+    )
+    array[...] = data
+    return array
+
+
 def test_zarr_source(tmp_path: Path) -> None:
     zarr = pytest.importorskip("zarr")
     x, y = arrays()
-    zx = zarr.create_array(store=str(tmp_path / "x.zarr"), data=x, chunks=(5, 3))
-    zy = zarr.create_array(store=str(tmp_path / "y.zarr"), data=y, chunks=(5,))
+    zx = _zarr_array(zarr, tmp_path / "x.zarr", x, (5, 3))
+    zy = _zarr_array(zarr, tmp_path / "y.zarr", y, (5,))
     source = influx.ArraySource(zx, zy, batch_size=BATCH, partition_size=PARTITION)
     _check_source(source, x, y)
-    big = zarr.create_array(
-        store=str(tmp_path / "big.zarr"), data=np.zeros((20000, 3)), chunks=(1000, 3)
-    )
+    big = _zarr_array(zarr, tmp_path / "big.zarr", np.zeros((20000, 3)), (1000, 3))
     labels = np.zeros(20000, dtype=np.int64)
     sizes = [
         len(pickle.dumps(p.x))
