@@ -354,3 +354,23 @@ def test_lissa_initial_guess_per_solve(backend_name: str) -> None:
     assert warm_info.all_converged and cold_info.all_converged
     assert warm_info.iterations.max() < cold_info.iterations.min()
     assert rel_err(warm, to_numpy(cold)) < 1e-6
+
+
+def test_optional_dependencies_are_imported_lazily() -> None:
+    """``import influx`` (and its public modules) loads no optional extra.
+
+    dask, distributed and zarr (the ``dask`` extra), matplotlib (``plot``)
+    and the docs tools are imported only by the calls that use them.
+    """
+    optional = ["dask", "distributed", "zarr", "matplotlib", "mkdocs", "cloudpickle"]
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import influx, influx.job, influx.metrics, influx.plot, influx.sources
+        print(sorted(m for m in {optional!r} if m in sys.modules))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"
